@@ -1,0 +1,334 @@
+"""The ``pyro-vae`` command line: train, evaluate and list components.
+
+    pyro-vae train [--dataset digits] [--likelihood bernoulli] ... [--out RUN_DIR]
+    pyro-vae evaluate RUN_DIR --num-samples 5000 [--split test] [--json FILE]
+    pyro-vae list
+
+Errors in what the user gave (unknown names, bad sizes, missing files) print
+one line and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyro
+import torch
+
+from .binarization import prepare_split, resolve_binarize
+from .config import BINARIZE_MODES, DEVICES, DataConfig, ModelConfig, TrainConfig
+from .data import DATASETS, load_dataset
+from .evaluation import evaluate_bounds
+from .guides import GUIDES
+from .likelihoods import LIKELIHOODS
+from .model import build_vae
+from .nets import NETWORKS
+from .objectives import LOSSES
+from .priors import PRIORS
+from .run import is_run_dir, load_run, save_evaluation, save_run
+from .train import fit, resolve_device
+
+__all__ = ["format_report", "main"]
+
+_DEFAULTS_MODEL = ModelConfig(data_dim=1)
+_DEFAULTS_TRAIN = TrainConfig()
+_REGISTRIES = {
+    "priors (--prior)": PRIORS,
+    "likelihoods (--likelihood)": LIKELIHOODS,
+    "guides (--guide)": GUIDES,
+    "networks (--encoder)": NETWORKS,
+    "losses (--loss)": LOSSES,
+    "data sets (--dataset)": DATASETS,
+}
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 400,200, got {text!r}"
+        ) from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return values
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+
+    return parse
+
+
+def _choice(registry: Any) -> Any:
+    # Checked here rather than with argparse `choices` so the message lists names the registry's way.
+    def parse(text: str) -> str:
+        try:
+            registry.get(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders as Pyro models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fit a VAE by SVI and save a run folder")
+    data = train.add_argument_group("data")
+    data.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (embedded), mnist, fashion-mnist, binarized-mnist, or a .npy/.npz file",
+    )
+    data.add_argument(
+        "--data-dir", default=None, help="folder holding the data files (torchvision's layout for MNIST)"
+    )
+    data.add_argument(
+        "--binarize",
+        choices=BINARIZE_MODES,
+        default="auto",
+        help="auto: dynamic for a binary likelihood on grey data",
+    )
+    model = train.add_argument_group("model")
+    model.add_argument("--prior", type=_choice(PRIORS), default=_DEFAULTS_MODEL.prior)
+    model.add_argument("--likelihood", type=_choice(LIKELIHOODS), default=_DEFAULTS_MODEL.likelihood)
+    model.add_argument(
+        "--likelihood-scale",
+        type=_positive(float),
+        default=None,
+        help="fixed scale of the gaussian likelihood",
+    )
+    model.add_argument("--guide", type=_choice(GUIDES), default=_DEFAULTS_MODEL.guide)
+    model.add_argument("--encoder", type=_choice(NETWORKS), default=_DEFAULTS_MODEL.network)
+    model.add_argument(
+        "--latent-dims", type=_int_list, default=_DEFAULTS_MODEL.latent_dims, help="latent size, e.g. 20"
+    )
+    model.add_argument(
+        "--hidden-dims",
+        type=_int_list,
+        default=_DEFAULTS_MODEL.hidden_dims,
+        help="encoder widths, e.g. 400 or 500,500",
+    )
+    fitting = train.add_argument_group("training")
+    fitting.add_argument("--loss", type=_choice(LOSSES), default=_DEFAULTS_TRAIN.loss)
+    fitting.add_argument("--epochs", type=_positive(int), default=_DEFAULTS_TRAIN.epochs)
+    fitting.add_argument("--batch-size", type=_positive(int), default=_DEFAULTS_TRAIN.batch_size)
+    fitting.add_argument("--lr", type=_positive(float), default=_DEFAULTS_TRAIN.lr)
+    fitting.add_argument(
+        "--num-particles",
+        type=_positive(int),
+        default=_DEFAULTS_TRAIN.num_particles,
+        help="samples of z per datum per step",
+    )
+    fitting.add_argument("--seed", type=int, default=_DEFAULTS_TRAIN.seed)
+    fitting.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} or cuda:N")
+    train.add_argument(
+        "--eval-samples", type=int, default=1000, help="K for the final test log p(x); 0 skips it"
+    )
+    train.add_argument("--out", default=None, help="run folder (default: runs/DATASET-TIME)")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="importance-sampled log p(x), IWAE bounds and PSIS diagnostics"
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument(
+        "--num-samples", type=_positive(int), default=1000, help="importance samples K per datum"
+    )
+    evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    evaluate.add_argument(
+        "--chunk-size", type=_positive(int), default=1000, help="samples per vectorized pass"
+    )
+    evaluate.add_argument(
+        "--limit", type=_positive(int), default=None, help="evaluate the first N data points only"
+    )
+    evaluate.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", default="auto")
+
+    commands.add_parser("list", help="every registered prior, likelihood, guide, network, loss and data set")
+    return parser
+
+
+def format_report(summary: dict[str, Any], *, title: str) -> str:
+    """The evaluation summary as a table: nats per datum and bits per dimension."""
+    data_dim = summary.get("data_dim")
+
+    def bits(nats: float) -> str:
+        return f"{-nats / (data_dim * math.log(2)):10.4f}" if data_dim else ""
+
+    lines = [title, f"{'':18}{'nats/datum':>14}{'bits/dim':>11}"]
+    lines.append(f"{'ELBO':18}{summary['elbo']:14.3f}{bits(summary['elbo'])}")
+    for k, value in summary["iwae"].items():
+        lines.append(f"{'IWAE-' + k:18}{value:14.3f}{bits(value)}")
+    stderr = summary["log_px_stderr"]
+    lines.append(
+        f"{'log p(x) (IS)':18}{summary['log_px']:14.3f}{bits(summary['log_px'])}   ± {stderr:.3f} (MC stderr)"
+    )
+    lines.append(f"{'NLL':18}{summary['nll']:14.3f}{bits(summary['log_px'])}")
+    if summary.get("khat_max") is not None:
+        frac = summary["khat_frac_above_0_7"]
+        lines.append(f"PSIS k-hat: max {summary['khat_max']:.2f}, {100 * frac:.1f}% of data points above 0.7")
+        if frac > 0:
+            lines.append(
+                f"warning: k-hat > 0.7 for {round(frac * summary['num_data'])} of {summary['num_data']} data points: "
+                "their log p(x) estimates are unreliable (the guide's tails are too light); raise --num-samples "
+                "or improve the guide"
+            )
+    return "\n".join(lines)
+
+
+def _evaluate(vae: Any, x: torch.Tensor, *, num_samples: int, chunk_size: int, seed: int) -> dict[str, Any]:
+    pyro.set_rng_seed(seed)
+    bounds = evaluate_bounds(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk_size)
+    summary = bounds.summary(data_dim=x.shape[-1])
+    summary["data_dim"] = x.shape[-1]
+    return summary
+
+
+def _train(args: argparse.Namespace) -> int:
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir)
+    likelihood_cls = LIKELIHOODS.get(args.likelihood)
+    mode = resolve_binarize(args.binarize, dataset=dataset, likelihood_binary=likelihood_cls.binary_data)
+    train_x = prepare_split(dataset, "train", mode=mode)
+    test_x = prepare_split(dataset, "test", mode=mode)
+    model_config = ModelConfig(
+        data_dim=dataset.input_dim,
+        latent_dims=args.latent_dims,
+        hidden_dims=args.hidden_dims,
+        prior=args.prior,
+        likelihood=args.likelihood,
+        likelihood_options={} if args.likelihood_scale is None else {"scale": args.likelihood_scale},
+        guide=args.guide,
+        network=args.encoder,
+        image_shape=dataset.image_shape,
+    )
+    train_config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        num_particles=args.num_particles,
+        loss=args.loss,
+        seed=args.seed,
+        device=args.device,
+    )
+    data_config = DataConfig(dataset=args.dataset, data_dir=args.data_dir, binarize=mode)
+    out = Path(args.out or f"runs/{Path(args.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if is_run_dir(out) and not args.overwrite:
+        raise ValueError(f"{out} already holds a run; choose another --out or pass --overwrite")
+    if args.eval_samples < 0:
+        raise ValueError(f"--eval-samples must be 0 (skip) or a positive integer, got {args.eval_samples}")
+    device = resolve_device(args.device)
+
+    pyro.set_rng_seed(args.seed)
+    vae = build_vae(model_config)
+    start = time.perf_counter()
+    result = fit(
+        vae,
+        train_x,
+        test=test_x,
+        epochs=train_config.epochs,
+        batch_size=train_config.batch_size,
+        lr=train_config.lr,
+        num_particles=train_config.num_particles,
+        loss=train_config.loss,
+        seed=train_config.seed,
+        device=device,
+        dynamic_binarization=mode == "dynamic",
+    )
+    seconds = time.perf_counter() - start
+    save_run(
+        out,
+        vae=vae,
+        model_config=model_config,
+        train_config=train_config,
+        data_config=data_config,
+        history=result.history,
+    )
+    final = result.final
+    print(
+        f"trained a {args.likelihood} VAE (latent {model_config.latent_dim}, hidden {','.join(map(str, args.hidden_dims))}) "
+        f"on {dataset.name}: {train_x.shape[0]} train / {test_x.shape[0]} test points of dimension {dataset.input_dim}, "
+        f"binarize={mode}"
+    )
+    print(
+        f"{train_config.epochs} epochs in {seconds:.1f} s ({seconds / train_config.epochs:.2f} s/epoch) on {device}; "
+        f"final ELBO per datum: train {final.train_elbo:.3f} nats, test {final.test_elbo:.3f} nats"
+    )
+    if args.eval_samples:
+        summary = _evaluate(
+            vae, test_x.to(device), num_samples=args.eval_samples, chunk_size=1000, seed=args.seed
+        )
+        save_evaluation(out / "evaluation.json", summary)
+        print(
+            f"test log p(x) = {summary['log_px']:.3f} ± {summary['log_px_stderr']:.3f} nats per datum "
+            f"(importance sampling, K={args.eval_samples}); NLL {summary['nll']:.3f} nats, "
+            f"{summary['bits_per_dim']:.4f} bits/dim"
+        )
+    print(f"run saved to {out}")
+    return 0
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    run = load_run(args.run_dir, device=device)
+    x = run.data(args.split)
+    if args.limit is not None:
+        x = x[: args.limit]
+    summary = _evaluate(
+        run.vae, x.to(device), num_samples=args.num_samples, chunk_size=args.chunk_size, seed=args.seed
+    )
+    summary["split"] = args.split
+    title = (
+        f"{run.data_config.dataset} / {args.split}: {summary['num_data']} data points, "
+        f"K = {args.num_samples} importance samples each"
+    )
+    print(format_report(summary, title=title))
+    if args.json:
+        save_evaluation(Path(args.json), summary)
+    return 0
+
+
+def _list_command(args: argparse.Namespace) -> int:
+    for heading, registry in _REGISTRIES.items():
+        print(heading)
+        for name, description in registry.describe().items():
+            print(f"  {name:24} {description}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = {"train": _train, "evaluate": _evaluate_command, "list": _list_command}[args.command]
+    try:
+        return command(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"pyro-vae: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyro-vae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

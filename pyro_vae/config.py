@@ -1,0 +1,143 @@
+"""Small frozen configs, one per concern, that round-trip through JSON.
+
+``ModelConfig`` is everything needed to rebuild a model (``build_vae``);
+``TrainConfig`` is how it was fitted; ``DataConfig`` where its data came from.
+A run folder's ``config.json`` holds all three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BINARIZE_MODES", "DEVICES", "DataConfig", "ModelConfig", "TrainConfig"]
+
+BINARIZE_MODES = ("auto", "none", "static", "dynamic")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _positive_int(owner: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+
+
+def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__} has no field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+        )
+    return cls(**data)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture: which prior, likelihood, guide and networks, and their sizes."""
+
+    data_dim: int
+    # One entry per stochastic layer; a single layer today (hierarchical latents come later).
+    latent_dims: tuple[int, ...] = (20,)
+    # Encoder widths, input to output; the decoder mirrors them.
+    hidden_dims: tuple[int, ...] = (400,)
+    prior: str = "standard-normal"
+    likelihood: str = "bernoulli"
+    # Keyword options of the likelihood's constructor, e.g. {"scale": 0.1} for "gaussian".
+    likelihood_options: Mapping[str, float] = field(default_factory=dict)
+    guide: str = "diagonal"
+    network: str = "mlp"
+    # Shape of one data point as an image, for plots; None for non-image data.
+    image_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; keep tuples so configs compare and hash by value.
+        object.__setattr__(self, "latent_dims", tuple(self.latent_dims))
+        object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
+        object.__setattr__(self, "likelihood_options", dict(self.likelihood_options))
+        if self.image_shape is not None:
+            object.__setattr__(self, "image_shape", tuple(self.image_shape))
+        _positive_int("ModelConfig", "data_dim", self.data_dim)
+        if not self.latent_dims:
+            raise ValueError("ModelConfig.latent_dims needs at least one latent size")
+        for d in self.latent_dims:
+            _positive_int("ModelConfig", "latent_dims", d)
+        if not self.hidden_dims:
+            raise ValueError("ModelConfig.hidden_dims needs at least one hidden width, e.g. (400,)")
+        for h in self.hidden_dims:
+            _positive_int("ModelConfig", "hidden_dims", h)
+        if self.image_shape is not None and math.prod(self.image_shape) != self.data_dim:
+            raise ValueError(
+                f"ModelConfig.image_shape {self.image_shape} holds {math.prod(self.image_shape)} values, "
+                f"but data_dim is {self.data_dim}"
+            )
+
+    @property
+    def latent_dim(self) -> int:
+        """Size of the (single) latent layer."""
+        return self.latent_dims[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the model is fitted: SVI with Adam on a Monte-Carlo ELBO."""
+
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    # Samples z ~ q(z|x) per data point per step, drawn in one vectorized pass.
+    num_particles: int = 1
+    loss: str = "elbo"
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "num_particles"):
+            _positive_int("TrainConfig", name, getattr(self, name))
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise ValueError(
+                f"TrainConfig.device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data come from and how grey values are turned into binary ones."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    # auto: dynamic binarization when the likelihood needs binary data and the data are grey, else none.
+    binarize: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.binarize not in BINARIZE_MODES:
+            raise ValueError(
+                f"DataConfig.binarize must be one of {', '.join(BINARIZE_MODES)}, got {self.binarize!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataConfig:
+        return _from_dict(cls, data)
