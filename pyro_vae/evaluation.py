@@ -170,21 +170,33 @@ class Bounds:
         }
         if data_dim is not None:
             out["bits_per_dim"] = (-log_px / data_dim + math.log(bits_scale)) / math.log(2)
-        if self.khat is not None and torch.isfinite(self.khat).any():
-            out["khat_max"] = float(self.khat[torch.isfinite(self.khat)].max())
-            out["khat_frac_above_0_7"] = float((self.khat > 0.7).double().mean())
+        if self.khat is not None and not torch.isnan(self.khat).all():
+            # NaN (too few samples to fit a tail) is left out of both; inf counts as above 0.7.
+            known = self.khat[~torch.isnan(self.khat)]
+            out["khat_max"] = float(known.max())
+            out["khat_frac_above_0_7"] = float((known > 0.7).double().mean())
         return out
 
 
 def _psis_khat(log_w: torch.Tensor) -> torch.Tensor:
-    """Pareto k̂ of each column of ``log_w`` [K, n] with ArviZ's PSIS."""
+    """Pareto k̂ of each column of ``log_w`` [K, n] with ArviZ's PSIS.
+
+    Columns whose weights are equal up to rounding (an exact posterior as the
+    guide) have no tail to fit, and PSIS would return inf for them; their
+    importance sampling is perfect, so their k̂ is 0.
+    """
     from arviz import psislw
 
-    with warnings.catch_warnings():
-        # ArviZ warns once per call when some k̂ > 0.7; the report says so per datum instead.
-        warnings.simplefilter("ignore")
-        _, khat = psislw(log_w.T.cpu().numpy())
-    return torch.as_tensor(np.asarray(khat, dtype=np.float64)).reshape(-1)
+    spread = log_w.max(0).values - log_w.min(0).values
+    flat = spread <= 1e-8 * log_w.abs().max(0).values.clamp_min(1.0)
+    khat = torch.zeros(log_w.shape[1], dtype=torch.float64)
+    if not flat.all():
+        with warnings.catch_warnings():
+            # ArviZ warns once per call when some k̂ > 0.7; the report says so per datum instead.
+            warnings.simplefilter("ignore")
+            _, fitted = psislw(log_w[:, ~flat].T.cpu().numpy())
+        khat[~flat.cpu()] = torch.as_tensor(np.asarray(fitted, dtype=np.float64)).reshape(-1)
+    return khat
 
 
 def evaluate_bounds(
