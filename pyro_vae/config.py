@@ -44,6 +44,8 @@ class ModelConfig:
     # Encoder widths, input to output; the decoder mirrors them.
     hidden_dims: tuple[int, ...] = (400,)
     prior: str = "standard-normal"
+    # Keyword options of the prior's constructor, e.g. {"num_components": 10} for "mixture".
+    prior_options: Mapping[str, float] = field(default_factory=dict)
     likelihood: str = "bernoulli"
     # Keyword options of the likelihood's constructor, e.g. {"scale": 0.1} for "gaussian".
     likelihood_options: Mapping[str, float] = field(default_factory=dict)
@@ -56,6 +58,7 @@ class ModelConfig:
         # JSON gives lists; keep tuples so configs compare and hash by value.
         object.__setattr__(self, "latent_dims", tuple(self.latent_dims))
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
+        object.__setattr__(self, "prior_options", dict(self.prior_options))
         object.__setattr__(self, "likelihood_options", dict(self.likelihood_options))
         if self.image_shape is not None:
             object.__setattr__(self, "image_shape", tuple(self.image_shape))

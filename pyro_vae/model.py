@@ -78,6 +78,7 @@ class VAE(nn.Module):
                 f"{guide_head.latent_dim}; build both with the same latent_dim"
             )
         self.prior = prior
+        self.prior.bind(encoder=encoder, guide_head=guide_head, data_dim=likelihood.data_dim)
         self.likelihood = likelihood
         self.encoder = encoder
         self.guide_head = guide_head
@@ -143,12 +144,13 @@ def build_vae(config: ModelConfig) -> VAE:
     likelihood = _build(
         LIKELIHOODS, config.likelihood, options=dict(config.likelihood_options), data_dim=config.data_dim
     )
-    prior = _build(PRIORS, config.prior, latent_dim=config.latent_dim)
+    prior = _build(PRIORS, config.prior, options=dict(config.prior_options), latent_dim=config.latent_dim)
     encoder, decoder = NETWORKS.get(config.network)(
         data_dim=config.data_dim,
         latent_dim=config.latent_dim,
         hidden_dims=config.hidden_dims,
         decoder_out_dim=likelihood.outputs_per_dim * config.data_dim,
+        image_shape=config.image_shape,
     )
     guide_head = _build(GUIDES, config.guide, feature_dim=encoder.out_dim, latent_dim=config.latent_dim)
     return VAE(prior=prior, likelihood=likelihood, encoder=encoder, guide_head=guide_head, decoder=decoder)

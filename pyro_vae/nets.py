@@ -2,9 +2,13 @@
 
 ``NETWORKS`` maps an architecture name (``--encoder`` on the command line) to a
 function that builds the (encoder, decoder) pair: the encoder maps data
-``[..., D]`` to features ``[..., H]`` that a guide head turns into q(z|x); the
-decoder maps latents ``[..., d]`` to the ``outputs_per_dim * D`` numbers a
-likelihood turns into p(x|z).
+``[..., D]`` to features ``[..., H]`` (``encoder.out_dim``) that a guide head
+turns into q(z|x); the decoder maps latents ``[..., d]`` to the
+``outputs_per_dim * D`` numbers a likelihood turns into p(x|z), laid out as
+``outputs_per_dim`` consecutive blocks of D (block j holds the j-th parameter of
+every data dimension). Data are flat ``[..., D]`` everywhere; ``image_shape``
+tells image networks how to fold them. Leading dimensions (particles, data)
+pass through.
 """
 
 from __future__ import annotations
@@ -58,7 +62,12 @@ class MLP(nn.Sequential):
 
 @NETWORKS.register("mlp")
 def mlp_networks(
-    *, data_dim: int, latent_dim: int, hidden_dims: Sequence[int], decoder_out_dim: int
+    *,
+    data_dim: int,
+    latent_dim: int,
+    hidden_dims: Sequence[int],
+    decoder_out_dim: int,
+    image_shape: Sequence[int] | None = None,
 ) -> tuple[MLP, MLP]:
     """Fully connected encoder and decoder; the decoder mirrors the encoder's hidden widths.
 

@@ -29,6 +29,14 @@ class Prior(nn.Module):
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
         self.latent_dim = latent_dim
 
+    def bind(self, *, encoder: nn.Module, guide_head: nn.Module, data_dim: int) -> None:
+        """Called once by the VAE that owns this prior, with its inference network.
+
+        Most priors ignore it. A prior defined through the guide (the VampPrior)
+        keeps references to ``encoder`` and ``guide_head``; it must not register
+        them as submodules, or their parameters would be optimized twice.
+        """
+
     def forward(self) -> dist.Distribution:
         raise NotImplementedError
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyro
 import pytest
 import torch
+
+# One thread per process, for this process and the subprocesses tests start: with two OpenMP threads on
+# two cores, any other busy process makes every parallel region wait for a descheduled thread (steps
+# 30x slower), while one thread costs these small networks almost nothing.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 # ../shared/datasets beside the repository: exact copies of the benchmark data sets, absent on some machines.
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"

@@ -6,19 +6,30 @@ import itertools
 
 import pyro
 import pyro.distributions as dist
+import pyro.optim
 import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from pyro_vae import GUIDES, LIKELIHOODS, NETWORKS, PRIORS, VAE, ModelConfig, build_vae
+from pyro_vae import (
+    GUIDES,
+    LIKELIHOODS,
+    NETWORKS,
+    PRIORS,
+    VAE,
+    ModelConfig,
+    build_vae,
+)
 from pyro_vae.model import data_plate
 
-DATA_DIM, LATENT_DIM = 12, 3
+DATA_DIM, LATENT_DIM, IMAGE_SHAPE = 64, 3, (8, 8)
 
 
 def small_vae(**overrides) -> VAE:
-    config = ModelConfig(data_dim=DATA_DIM, latent_dims=(LATENT_DIM,), hidden_dims=(16,), **overrides)
+    config = ModelConfig(
+        data_dim=DATA_DIM, latent_dims=(LATENT_DIM,), hidden_dims=(16,), image_shape=IMAGE_SHAPE, **overrides
+    )
     return build_vae(config)
 
 
