@@ -9,13 +9,39 @@ q(z|x) and two networks, composed into the Pyro functions ``VAE.model`` and
 from .binarization import prepare_split, resolve_binarize
 from .config import DataConfig, ModelConfig, TrainConfig
 from .data import DATASETS, DataError, Dataset, load_dataset
-from .evaluation import Bounds, evaluate_bounds, log_marginal, log_weights
-from .guides import GUIDES, DiagonalNormal, GuideHead
-from .likelihoods import LIKELIHOODS, Bernoulli, Gaussian, GaussianLearnedScale, Likelihood
+from .evaluation import Bounds, evaluate_bounds, log_marginal, log_weights, traced_log_weights
+from .guides import (
+    GUIDES,
+    DiagonalNormal,
+    FlowDistribution,
+    GuideHead,
+    InverseAutoregressiveFlow,
+    LowRankNormal,
+)
+from .likelihoods import (
+    LIKELIHOODS,
+    Bernoulli,
+    ContinuousBernoulli,
+    DiscretizedLogistic,
+    Gaussian,
+    GaussianLearnedScale,
+    Laplace,
+    Likelihood,
+    StudentT,
+)
 from .model import VAE, build_vae, data_plate
-from .nets import MLP, NETWORKS
-from .objectives import LOSSES, DeviceTrace_ELBO, make_loss
-from .priors import PRIORS, Prior, StandardNormal
+from .nets import MLP, NETWORKS, ConvDecoder, ConvEncoder
+from .objectives import IWAE_ELBO, LOSSES, DeviceTrace_ELBO, MeanField_ELBO, make_loss
+from .priors import (
+    PRIORS,
+    EqualWeightMixture,
+    LearnedNormal,
+    MaskedAutoregressiveFlow,
+    Mixture,
+    Prior,
+    StandardNormal,
+    VampPrior,
+)
 from .registry import Registry
 from .run import Run, load_run, save_run
 from .train import EpochRecord, FitResult, fit, mean_elbo
@@ -25,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DATASETS",
     "GUIDES",
+    "IWAE_ELBO",
     "LIKELIHOODS",
     "LOSSES",
     "MLP",
@@ -33,23 +60,38 @@ __all__ = [
     "VAE",
     "Bernoulli",
     "Bounds",
+    "ContinuousBernoulli",
+    "ConvDecoder",
+    "ConvEncoder",
     "DataConfig",
     "DataError",
     "Dataset",
     "DeviceTrace_ELBO",
     "DiagonalNormal",
+    "DiscretizedLogistic",
     "EpochRecord",
+    "EqualWeightMixture",
     "FitResult",
+    "FlowDistribution",
     "Gaussian",
     "GaussianLearnedScale",
     "GuideHead",
+    "InverseAutoregressiveFlow",
+    "Laplace",
+    "LearnedNormal",
     "Likelihood",
+    "LowRankNormal",
+    "MaskedAutoregressiveFlow",
+    "MeanField_ELBO",
+    "Mixture",
     "ModelConfig",
     "Prior",
     "Registry",
     "Run",
     "StandardNormal",
+    "StudentT",
     "TrainConfig",
+    "VampPrior",
     "__version__",
     "build_vae",
     "data_plate",
@@ -64,4 +106,5 @@ __all__ = [
     "prepare_split",
     "resolve_binarize",
     "save_run",
+    "traced_log_weights",
 ]

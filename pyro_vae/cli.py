@@ -73,6 +73,17 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _option(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE such as rank=4, got {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the value of {key} must be a number, got {value!r}") from None
+    return key, int(number) if number.is_integer() and "." not in value else number
+
+
 def _choice(registry: Any) -> Any:
     # Checked here rather than with argparse `choices` so the message lists names the registry's way.
     def parse(text: str) -> str:
@@ -108,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     model = train.add_argument_group("model")
     model.add_argument("--prior", type=_choice(PRIORS), default=_DEFAULTS_MODEL.prior)
+    model.add_argument(
+        "--prior-components", type=_positive(int), default=None, help="K for the mixture and vamp priors"
+    )
     model.add_argument("--likelihood", type=_choice(LIKELIHOODS), default=_DEFAULTS_MODEL.likelihood)
     model.add_argument(
         "--likelihood-scale",
@@ -116,6 +130,14 @@ def _parser() -> argparse.ArgumentParser:
         help="fixed scale of the gaussian likelihood",
     )
     model.add_argument("--guide", type=_choice(GUIDES), default=_DEFAULTS_MODEL.guide)
+    model.add_argument(
+        "--guide-option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the guide head, e.g. rank=4 (low-rank) or num_flows=4 (iaf); repeatable",
+    )
     model.add_argument("--encoder", type=_choice(NETWORKS), default=_DEFAULTS_MODEL.network)
     model.add_argument(
         "--latent-dims", type=_int_list, default=_DEFAULTS_MODEL.latent_dims, help="latent size, e.g. 20"
@@ -128,6 +150,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     fitting = train.add_argument_group("training")
     fitting.add_argument("--loss", type=_choice(LOSSES), default=_DEFAULTS_TRAIN.loss)
+    fitting.add_argument(
+        "--beta", type=float, default=_DEFAULTS_TRAIN.beta, help="weight of the KL term (beta-VAE)"
+    )
+    fitting.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=_DEFAULTS_TRAIN.warmup_epochs,
+        help="epochs to ramp the KL weight 0 -> beta",
+    )
     fitting.add_argument("--epochs", type=_positive(int), default=_DEFAULTS_TRAIN.epochs)
     fitting.add_argument("--batch-size", type=_positive(int), default=_DEFAULTS_TRAIN.batch_size)
     fitting.add_argument("--lr", type=_positive(float), default=_DEFAULTS_TRAIN.lr)
@@ -214,9 +245,11 @@ def _train(args: argparse.Namespace) -> int:
         latent_dims=args.latent_dims,
         hidden_dims=args.hidden_dims,
         prior=args.prior,
+        prior_options={} if args.prior_components is None else {"num_components": args.prior_components},
         likelihood=args.likelihood,
         likelihood_options={} if args.likelihood_scale is None else {"scale": args.likelihood_scale},
         guide=args.guide,
+        guide_options=dict(args.guide_option),
         network=args.encoder,
         image_shape=dataset.image_shape,
     )
@@ -226,6 +259,8 @@ def _train(args: argparse.Namespace) -> int:
         lr=args.lr,
         num_particles=args.num_particles,
         loss=args.loss,
+        beta=args.beta,
+        warmup_epochs=args.warmup_epochs,
         seed=args.seed,
         device=args.device,
     )
@@ -249,6 +284,8 @@ def _train(args: argparse.Namespace) -> int:
         lr=train_config.lr,
         num_particles=train_config.num_particles,
         loss=train_config.loss,
+        beta=train_config.beta,
+        warmup_epochs=train_config.warmup_epochs,
         seed=train_config.seed,
         device=device,
         dynamic_binarization=mode == "dynamic",

@@ -50,6 +50,8 @@ class ModelConfig:
     # Keyword options of the likelihood's constructor, e.g. {"scale": 0.1} for "gaussian".
     likelihood_options: Mapping[str, float] = field(default_factory=dict)
     guide: str = "diagonal"
+    # Keyword options of the guide head's constructor, e.g. {"rank": 4} for "low-rank".
+    guide_options: Mapping[str, float] = field(default_factory=dict)
     network: str = "mlp"
     # Shape of one data point as an image, for plots; None for non-image data.
     image_shape: tuple[int, ...] | None = None
@@ -60,6 +62,7 @@ class ModelConfig:
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
         object.__setattr__(self, "prior_options", dict(self.prior_options))
         object.__setattr__(self, "likelihood_options", dict(self.likelihood_options))
+        object.__setattr__(self, "guide_options", dict(self.guide_options))
         if self.image_shape is not None:
             object.__setattr__(self, "image_shape", tuple(self.image_shape))
         _positive_int("ModelConfig", "data_dim", self.data_dim)
@@ -100,12 +103,31 @@ class TrainConfig:
     # Samples z ~ q(z|x) per data point per step, drawn in one vectorized pass.
     num_particles: int = 1
     loss: str = "elbo"
+    # Weight of the KL term, E_q[log p(x|z)] - beta KL (Higgins et al., 2017); 1 is the ELBO.
+    beta: float = 1.0
+    # Epochs over which the KL weight rises linearly from 0 to beta (Sønderby et al., 2016).
+    warmup_epochs: int = 0
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_particles"):
             _positive_int("TrainConfig", name, getattr(self, name))
+        if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"TrainConfig.beta must be a non-negative number, got {self.beta!r}")
+        if (
+            isinstance(self.warmup_epochs, bool)
+            or not isinstance(self.warmup_epochs, int)
+            or self.warmup_epochs < 0
+        ):
+            raise ValueError(
+                f"TrainConfig.warmup_epochs must be a non-negative integer, got {self.warmup_epochs!r}"
+            )
+        if self.loss == "iwae" and (self.beta != 1 or self.warmup_epochs):
+            raise ValueError(
+                "beta and warm-up weight the KL term of the ELBO, which the iwae bound does not have; "
+                "use --loss elbo or mean-field with --beta, or drop --beta/--warmup-epochs"
+            )
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

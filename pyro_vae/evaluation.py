@@ -45,7 +45,14 @@ from tqdm.auto import tqdm
 
 from ._typing import ModelFn
 
-__all__ = ["Bounds", "default_iwae_ks", "evaluate_bounds", "log_marginal", "log_weights"]
+__all__ = [
+    "Bounds",
+    "default_iwae_ks",
+    "evaluate_bounds",
+    "log_marginal",
+    "log_weights",
+    "traced_log_weights",
+]
 
 # Particle x datum rows per vectorized pass when data_chunk_size is not given:
 # bounds memory to about rows x (decoder width) floats.
@@ -64,9 +71,12 @@ def default_iwae_ks(num_samples: int) -> list[int]:
     return ks
 
 
-def _max_plate_nesting(model: ModelFn, guide: ModelFn, x: torch.Tensor) -> int:
-    guide_trace = poutine.trace(guide).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+def _max_plate_nesting(model: ModelFn, guide: ModelFn, args: tuple, kwargs: dict) -> int:
+    # A dry run to find how many plates nest; it must not move the random stream the evaluation uses.
+    devices = [x.device for x in args if isinstance(x, torch.Tensor) and x.device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices[:1]), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     dims = [
         -frame.dim
         for trace in (guide_trace, model_trace)
@@ -103,31 +113,55 @@ def _site_log_density(site: dict[str, Any], *, particle_dim: int) -> torch.Tenso
     return log_p.squeeze(tuple(other)) if other else log_p
 
 
-def log_weights(model: ModelFn, guide: ModelFn, x: torch.Tensor, *, num_samples: int) -> torch.Tensor:
-    """log p(x_i, z_k) - log q(z_k | x_i) for k < ``num_samples``, in one vectorized pass: [K, N] float64.
+def traced_log_weights(
+    model: ModelFn,
+    guide: ModelFn,
+    *args: Any,
+    num_samples: int,
+    max_plate_nesting: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, float]:
+    """log w[k, i] = log p(x_i, z_k) - log q(z_k | x_i) from one vectorized pass: ([K, M] float64, N / M).
 
-    ``model(x)`` and ``guide(x)`` are called with the data [N, ...] only. The
-    log-densities are unscaled: a minibatch scale or ``poutine.scale`` in the
-    model does not change them.
+    The guide is traced inside an outer plate of ``num_samples`` particles and the
+    model replayed on its samples, both called with ``*args, **kwargs``. The
+    log-densities are unscaled (neither the data plate's N / M nor a
+    ``poutine.scale`` enters them), and differentiable when grad is enabled; the
+    second value is the data plate's N / M for a minibatch of M out of N.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-    nesting = _max_plate_nesting(model, guide, x[:1])
-    particle_dim = -nesting - 1
-    num_data = x.shape[0]
+    if max_plate_nesting is None:
+        max_plate_nesting = _max_plate_nesting(model, guide, args, kwargs)
+    particle_dim = -max_plate_nesting - 1
     with pyro.plate(_PARTICLE_PLATE, num_samples, dim=particle_dim):
-        guide_trace = poutine.trace(guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
-    log_w = torch.zeros(num_samples, num_data, dtype=torch.float64, device=x.device)
+    log_w: torch.Tensor | float = 0.0
+    scale, size = 1.0, None
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
         for site in trace.nodes.values():
             if site["type"] != "sample" or (sign < 0 and site["is_observed"]):
                 continue
-            log_p = _site_log_density(site, particle_dim=particle_dim)  # [S or 1, n or 1]
-            log_w += sign * log_p.double().expand(num_samples, num_data)
-    return log_w
+            log_p = _site_log_density(site, particle_dim=particle_dim)  # [S or 1, M or 1]
+            log_w = log_w + sign * log_p.double()
+            frame = next(f for f in site["cond_indep_stack"] if f.name == "data")
+            size = frame.size
+            scale = (frame.full_size or frame.size) / frame.size
+    if size is None:
+        raise ValueError("the model has no sample sites; there is nothing to weigh")
+    return torch.as_tensor(log_w).expand(num_samples, size), scale
+
+
+def log_weights(model: ModelFn, guide: ModelFn, x: torch.Tensor, *, num_samples: int) -> torch.Tensor:
+    """log p(x_i, z_k) - log q(z_k | x_i) for k < ``num_samples``, in one vectorized pass: [K, N] float64.
+
+    ``model(x)`` and ``guide(x)`` are called with the data [N, ...] only; see
+    :func:`traced_log_weights` for other signatures.
+    """
+    return traced_log_weights(model, guide, x, num_samples=num_samples)[0]
 
 
 @dataclass(frozen=True)
@@ -241,12 +275,19 @@ def evaluate_bounds(
     iwae: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     show = sys.stdout.isatty() if progress is None else progress
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block():
+        nesting = _max_plate_nesting(model, guide, (x[:1],), {})
         for xs in tqdm(
             x.split(data_chunk_size), disable=not show, desc="log p(x)", unit="chunk", file=sys.stderr
         ):
             log_w = torch.cat(
                 [
-                    log_weights(model, guide, xs, num_samples=min(chunk_size, num_samples - start))
+                    traced_log_weights(
+                        model,
+                        guide,
+                        xs,
+                        num_samples=min(chunk_size, num_samples - start),
+                        max_plate_nesting=nesting,
+                    )[0]
                     for start in range(0, num_samples, chunk_size)
                 ]
             )  # [K, n] float64

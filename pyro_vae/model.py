@@ -28,7 +28,12 @@ def data_plate(x: torch.Tensor, num_data: int | None) -> pyro.plate:
     """The plate over data points: a minibatch of ``M = len(x)`` out of ``num_data``.
 
     Inside it every log-density is scaled by ``num_data / M``, so a minibatch
-    loss is an unbiased estimate of the full-data negative ELBO.
+    loss is an unbiased estimate of the full-data negative ELBO. The minibatch
+    itself is passed in, so the plate's indices are never used: giving them as
+    ``arange(M)`` yields the same scaling as ``subsample_size=M`` without the
+    random permutation of N indices that the latter draws at every call (work
+    on the hot path, and a draw from the random stream that would make the
+    latent samples depend on N).
     """
     batch_size = x.shape[0]
     num_data = batch_size if num_data is None else num_data
@@ -36,7 +41,7 @@ def data_plate(x: torch.Tensor, num_data: int | None) -> pyro.plate:
         raise ValueError(
             f"num_data ({num_data}) cannot be smaller than the minibatch ({batch_size} data points)"
         )
-    return pyro.plate("data", num_data, subsample_size=batch_size, device=x.device)
+    return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=x.device))
 
 
 class VAE(nn.Module):
@@ -152,5 +157,11 @@ def build_vae(config: ModelConfig) -> VAE:
         decoder_out_dim=likelihood.outputs_per_dim * config.data_dim,
         image_shape=config.image_shape,
     )
-    guide_head = _build(GUIDES, config.guide, feature_dim=encoder.out_dim, latent_dim=config.latent_dim)
+    guide_head = _build(
+        GUIDES,
+        config.guide,
+        options=dict(config.guide_options),
+        feature_dim=encoder.out_dim,
+        latent_dim=config.latent_dim,
+    )
     return VAE(prior=prior, likelihood=likelihood, encoder=encoder, guide_head=guide_head, decoder=decoder)

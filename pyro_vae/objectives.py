@@ -1,29 +1,74 @@
-"""Training objectives: Pyro ELBO classes chosen by name (``--loss``).
+r"""Training objectives: Pyro ELBO classes chosen by name (``--loss``), and the beta weight.
 
 ``LOSSES`` maps a name to a factory ``(*, num_particles) -> pyro.infer.ELBO``.
 All of them treat the model's ``"data"`` plate as the only plate
-(``max_plate_nesting=1``) and draw their particles in one vectorized pass.
+(``max_plate_nesting=1``), draw their particles in one vectorized pass, and
+return the loss as a tensor on the model's device (no host synchronisation).
+
+- ``elbo``: E_q[log p(x, z) - log q(z | x)] by Monte Carlo (Trace_ELBO).
+- ``mean-field``: the same bound with KL(q(z|x) || p(z)) in closed form where
+  the guide and prior have one (TraceMeanField_ELBO); other latent sites fall
+  back to Monte Carlo, with a warning naming them.
+- ``iwae``: the importance-weighted bound of Burda et al. (2016),
+  sum_i log (1/K) sum_k w_ik, per data point.
+
+:func:`scale_latents` multiplies every latent site's log-density by beta, in
+the model and the guide alike, so any of these objectives becomes
+E_q[log p(x|z)] - beta KL(q(z|x) || p(z)) (Higgins et al., 2017).
+
+References:
+    Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
+    Higgins et al., "beta-VAE: Learning Basic Visual Concepts with a Constrained
+    Variational Framework", ICLR 2017.
 """
 
 from __future__ import annotations
 
-import torch
-from pyro.infer import ELBO, Trace_ELBO
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
 
+import torch
+from pyro import poutine
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import kl_divergence
+
+from .evaluation import traced_log_weights
 from .registry import Registry
 
-__all__ = ["LOSSES", "DeviceTrace_ELBO", "make_loss", "trace_elbo"]
+__all__ = [
+    "IWAE_ELBO",
+    "LOSSES",
+    "DeviceTrace_ELBO",
+    "LatentWeight",
+    "MeanField_ELBO",
+    "make_loss",
+    "scale_latents",
+]
 
 LOSSES: Registry = Registry("loss")
 
 
-class DeviceTrace_ELBO(Trace_ELBO):
+class _TensorLoss:
+    """``loss_and_grads`` that backpropagates ``differentiable_loss`` and returns it as a device tensor."""
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)  # type: ignore[attr-defined]
+        if loss.requires_grad:
+            loss.backward()
+        return loss.detach()
+
+
+class DeviceTrace_ELBO(_TensorLoss, Trace_ELBO):
     """Pyro's Trace_ELBO, with the loss kept as a tensor on the model's device.
 
-    Trace_ELBO converts each site's log-probability sum to a Python float while
-    it assembles the loss: one host-device synchronisation per site per step,
-    which stalls a GPU. When every latent site of the guide is reparameterized
-    (as in every guide of this package) the surrogate loss *is* the loss,
+    Trace_ELBO converts each site's log-probability sum to a Python float while it
+    assembles the loss: one host-device synchronisation per site per step, which
+    stalls a GPU. When every latent site of the guide is reparameterized (as in
+    every guide of this package) the surrogate loss *is* the loss,
     -(sum of model log-probs - sum of guide log-probs) / num_particles, so it is
     built from tensors alone. Guides with non-reparameterized sites get
     Trace_ELBO's score-function surrogate unchanged.
@@ -45,11 +90,85 @@ class DeviceTrace_ELBO(Trace_ELBO):
                 loss = loss + (particle_loss + (surrogate - surrogate.detach())) / self.num_particles
         return torch.as_tensor(loss)
 
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward()
-        return loss.detach()
+
+class MeanField_ELBO(_TensorLoss, TraceMeanField_ELBO):
+    """Pyro's TraceMeanField_ELBO: closed-form KL terms, with a warning for sites that have none.
+
+    Pyro silently estimates a site's KL by Monte Carlo when torch has no
+    closed form for the pair (a mixture or flow prior, a low-rank or flow
+    guide). The first call checks each latent site and warns once, naming
+    the distributions, so nobody believes an estimate is analytic when it is not.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._checked = False
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        if not self._checked:
+            self._checked = True
+            self._warn_about_monte_carlo_sites(model, guide, args, kwargs)
+        return super().differentiable_loss(model, guide, *args, **kwargs)
+
+    @staticmethod
+    def _warn_about_monte_carlo_sites(model, guide, args, kwargs) -> None:  # type: ignore[no-untyped-def]
+        with torch.no_grad(), poutine.block(), torch.random.fork_rng():
+            guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
+            model_trace = prune_subsample_sites(
+                poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+            )
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            q, p = guide_trace.nodes[name]["fn"], site["fn"]
+            try:
+                kl_divergence(q, p)
+            except NotImplementedError:
+                warnings.warn(
+                    f"mean-field loss: torch has no closed-form KL({type(_base(q)).__name__} || "
+                    f"{type(_base(p)).__name__}) for site {name!r}; that term is estimated by Monte Carlo, "
+                    "exactly as with --loss elbo",
+                    stacklevel=4,
+                )
+
+
+def _base(fn: Any) -> Any:
+    # Unwrap Independent / expanded wrappers for a readable name.
+    while hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
+class IWAE_ELBO(_TensorLoss, Trace_ELBO):
+    r"""The importance-weighted bound of Burda et al. (2016), per data point and vectorized.
+
+    For a minibatch of M out of N data points and K samples z_k ~ q(z | x_i)::
+
+        L_K = (N / M) sum_i [ log sum_k exp(log p(x_i, z_ik) - log q(z_ik | x_i)) - log K ]
+
+    L_1 is the ELBO and L_K increases to log p(x) with K. The log-weights come
+    from the same traces as the evaluator's (:func:`traced_log_weights`), so
+    its value on given samples equals the evaluator's IWAE-K. The N / M
+    scale multiplies the per-datum bounds, never the log-weights inside the
+    log-sum-exp (scaling inside, as pyro's RenyiELBO does with subsampling,
+    changes the bound).
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        log_w, scale = traced_log_weights(
+            model,
+            guide,
+            *args,
+            num_samples=self.num_particles,
+            max_plate_nesting=self.max_plate_nesting,
+            **kwargs,
+        )  # [K, M] float64
+        bound = torch.logsumexp(log_w, 0) - math.log(self.num_particles)  # [M]
+        return -(scale * bound.sum()).float()
+
+    def loss(self, model, guide, *args, **kwargs) -> float:  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            return float(self.differentiable_loss(model, guide, *args, **kwargs))
 
 
 @LOSSES.register("elbo")
@@ -58,8 +177,48 @@ def trace_elbo(*, num_particles: int = 1) -> ELBO:
     return DeviceTrace_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
 
 
+@LOSSES.register("mean-field")
+def mean_field_elbo(*, num_particles: int = 1) -> ELBO:
+    """The ELBO with KL(q || p) in closed form where it exists (TraceMeanField_ELBO), Monte Carlo elsewhere."""
+    return MeanField_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+
+
+@LOSSES.register("iwae")
+def iwae(*, num_particles: int = 1) -> ELBO:
+    """The importance-weighted bound with K = --num-particles samples per datum (Burda et al., 2016)."""
+    return IWAE_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+
+
 def make_loss(name: str, *, num_particles: int = 1) -> ELBO:
     """The registered objective ``name`` with ``num_particles`` samples per data point."""
     if num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles}")
     return LOSSES.get(name)(num_particles=num_particles)
+
+
+class LatentWeight(Messenger):
+    """Multiplies the log-density of every latent (unobserved) sample site by ``beta``."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def _process_message(self, msg: dict) -> None:  # type: ignore[override]
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = msg["scale"] * self.beta
+
+
+def scale_latents(fn: Callable[..., Any], weight: LatentWeight) -> Callable[..., Any]:
+    """``fn`` with every latent site's log-density multiplied by ``weight.beta``.
+
+    Applied to both model and guide, log p(z) - log q(z|x) is scaled and
+    log p(x|z) is not: the ELBO becomes E_q[log p(x|z)] - beta KL(q || p). The
+    weight object is shared and mutable, so a warm-up can change beta between
+    steps without rebuilding anything.
+    """
+
+    def scaled(*args: Any, **kwargs: Any) -> Any:
+        with weight:
+            return fn(*args, **kwargs)
+
+    return scaled

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from ._typing import DeviceLike
 from .config import TrainConfig
 from .model import VAE
-from .objectives import make_loss
+from .objectives import LatentWeight, make_loss, scale_latents
 
-__all__ = ["AsyncSVI", "EpochRecord", "FitResult", "fit", "mean_elbo", "resolve_device"]
+__all__ = ["AsyncSVI", "EpochRecord", "FitResult", "fit", "mean_elbo", "resolve_device", "warmup_weight"]
 
 # How often (in steps) the progress bar reads the running ELBO back from the device.
 _REFRESH_EVERY = 25
@@ -98,6 +98,11 @@ def mean_elbo(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, batch_size: 
     return -float(total) / x.shape[0]
 
 
+def warmup_weight(step: int, *, beta: float, warmup_steps: int) -> float:
+    """The KL weight at ``step`` (0-based): rises linearly from 0 to ``beta`` over ``warmup_steps``, then stays."""
+    return beta if warmup_steps <= 0 else beta * min(1.0, step / warmup_steps)
+
+
 def _minibatches(
     x: torch.Tensor, batch_size: int, generator: torch.Generator | None
 ) -> Iterator[torch.Tensor]:
@@ -118,6 +123,8 @@ def fit(
     lr: float = 1e-3,
     num_particles: int = 1,
     loss: str = "elbo",
+    beta: float = 1.0,
+    warmup_epochs: int = 0,
     seed: int = 0,
     device: DeviceLike = "auto",
     dynamic_binarization: bool = False,
@@ -130,9 +137,17 @@ def fit(
     ``num_particles`` vectorized samples z ~ q(z|x) per point, and takes one
     Adam step on its gradient. ``dynamic_binarization`` draws a fresh binary
     image x ~ Bernoulli(grey values) every time a training point is used
-    (``test`` is used as given, so binarize it once beforehand). The history
-    holds per-datum ELBOs in nats: the training figure averages the minibatch
-    estimates seen during the epoch, the test figure is computed after it.
+    (``test`` is used as given, so binarize it once beforehand).
+
+    ``loss`` names the objective (``elbo``, ``mean-field``, ``iwae``; see
+    :mod:`pyro_vae.objectives`). ``beta`` weighs the KL term,
+    E_q[log p(x|z)] - beta KL(q || p), and ``warmup_epochs`` raises that weight
+    linearly from 0 to ``beta`` over the first epochs, step by step.
+
+    The history holds per-datum figures in nats: ``train_elbo`` averages the
+    training objective's minibatch estimates over the epoch (the ELBO itself
+    for ``loss="elbo"`` with beta 1; the beta-weighted or IWAE bound
+    otherwise); ``test_elbo`` is the plain ELBO of ``test`` after the epoch.
     ``progress=None`` shows a progress bar only when stdout is a terminal.
     """
     config = TrainConfig(
@@ -141,6 +156,8 @@ def fit(
         lr=lr,
         num_particles=num_particles,
         loss=loss,
+        beta=beta,
+        warmup_epochs=warmup_epochs,
         seed=seed,
         device=str(device),
     )
@@ -165,12 +182,15 @@ def fit(
 
     # A param store of its own, so a parameter left in the global store by an
     # earlier model of the same name cannot stand in for this model's.
+    # The KL weight: beta, or its warm-up value, read by both model and guide at every step.
+    kl_weight = LatentWeight(beta if warmup_epochs == 0 else 0.0)
+    warmup_steps = warmup_epochs * steps_per_epoch
+    model, guide = vae.model, vae.guide
+    if beta != 1 or warmup_epochs:
+        model, guide = scale_latents(model, kl_weight), scale_latents(guide, kl_weight)
     with pyro.get_param_store().scope():
         svi = AsyncSVI(
-            vae.model,
-            vae.guide,
-            pyro.optim.Adam({"lr": lr}),
-            loss=make_loss(loss, num_particles=num_particles),
+            model, guide, pyro.optim.Adam({"lr": lr}), loss=make_loss(loss, num_particles=num_particles)
         )
         bar = tqdm(
             total=epochs * steps_per_epoch, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True
@@ -185,6 +205,8 @@ def fit(
             for x in _minibatches(train, batch_size, None):
                 if dynamic_binarization:
                     x = torch.bernoulli(x)
+                if warmup_steps:
+                    kl_weight.beta = warmup_weight(step, beta=beta, warmup_steps=warmup_steps)
                 # Pyro's validation (shapes, supports) on the first step only: every later check would be
                 # a host-device synchronisation, and the data were checked once above.
                 with pyro.validation_enabled(step == 0):

@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 import torch
 
-from pyro_vae import LIKELIHOODS, PRIORS, Registry
+from pyro_vae import LIKELIHOODS, PRIORS, ModelConfig, Registry, build_vae
 from pyro_vae.likelihoods import Bernoulli, Gaussian, GaussianLearnedScale
 
 D = 5
@@ -16,7 +16,8 @@ D = 5
 
 @pytest.mark.parametrize("name", PRIORS.names())
 def test_prior_contract(name):
-    prior = PRIORS.get(name)(latent_dim=3)
+    # Built inside a VAE: priors defined through the guide (vamp) need its encoder.
+    prior = build_vae(ModelConfig(data_dim=D, latent_dims=(3,), hidden_dims=(8,), prior=name)).prior
     p = prior()
     assert p.event_shape == (3,) and p.batch_shape == ()
     z = p.sample((4000,))
