@@ -22,13 +22,13 @@ import pyro
 import torch
 
 from .binarization import prepare_split, resolve_binarize
-from .config import BINARIZE_MODES, DEVICES, DataConfig, ModelConfig, TrainConfig
+from .config import BINARIZE_MODES, DEVICES, INFERENCE, DataConfig, ModelConfig, TrainConfig
 from .data import DATASETS, load_dataset
-from .evaluation import evaluate_bounds
+from .evaluation import evaluate_bounds, latent_layers
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .model import build_vae
-from .nets import NETWORKS
+from .nets import ACTIVATIONS, NETWORKS
 from .objectives import LOSSES
 from .priors import PRIORS
 from .run import is_run_dir, load_run, save_evaluation, save_run
@@ -140,7 +140,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--encoder", type=_choice(NETWORKS), default=_DEFAULTS_MODEL.network)
     model.add_argument(
-        "--latent-dims", type=_int_list, default=_DEFAULTS_MODEL.latent_dims, help="latent size, e.g. 20"
+        "--latent-dims",
+        type=_int_list,
+        default=_DEFAULTS_MODEL.latent_dims,
+        help="latent sizes, z1 first: 20, or 100,50 for two stochastic layers",
+    )
+    model.add_argument(
+        "--inference",
+        choices=INFERENCE,
+        default=_DEFAULTS_MODEL.inference,
+        help="with several --latent-dims: bottom-up (Burda et al.) or ladder (Sønderby et al.)",
+    )
+    model.add_argument(
+        "--activation", choices=tuple(ACTIVATIONS), default=None, help="default: softplus (mlp), elu (conv)"
     )
     model.add_argument(
         "--hidden-dims",
@@ -214,6 +226,11 @@ def format_report(summary: dict[str, Any], *, title: str) -> str:
         f"{'log p(x) (IS)':18}{summary['log_px']:14.3f}{bits(summary['log_px'])}   ± {stderr:.3f} (MC stderr)"
     )
     lines.append(f"{'NLL':18}{summary['nll']:14.3f}{bits(summary['log_px'])}")
+    for layer in summary.get("layers", []):
+        lines.append(
+            f"latent {layer['site']} (dim {layer['dim']}): KL {layer['kl']:.3f} nats, "
+            f"{layer['active_units']} of {layer['dim']} units active (Var_x E[z|x] > 0.01)"
+        )
     if summary.get("khat_max") is not None:
         frac = summary["khat_frac_above_0_7"]
         lines.append(f"PSIS k-hat: max {summary['khat_max']:.2f}, {100 * frac:.1f}% of data points above 0.7")
@@ -231,6 +248,7 @@ def _evaluate(vae: Any, x: torch.Tensor, *, num_samples: int, chunk_size: int, s
     bounds = evaluate_bounds(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk_size)
     summary = bounds.summary(data_dim=x.shape[-1])
     summary["data_dim"] = x.shape[-1]
+    summary["layers"] = latent_layers(vae.model, vae.guide, x, num_samples=min(num_samples, 100))
     return summary
 
 
@@ -251,6 +269,8 @@ def _train(args: argparse.Namespace) -> int:
         guide=args.guide,
         guide_options=dict(args.guide_option),
         network=args.encoder,
+        activation=args.activation,
+        inference=args.inference,
         image_shape=dataset.image_shape,
     )
     train_config = TrainConfig(
@@ -301,7 +321,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     final = result.final
     print(
-        f"trained a {args.likelihood} VAE (latent {model_config.latent_dim}, hidden {','.join(map(str, args.hidden_dims))}) "
+        f"trained a {args.likelihood} VAE (latent {','.join(map(str, model_config.latent_dims))}, hidden {','.join(map(str, args.hidden_dims))}) "
         f"on {dataset.name}: {train_x.shape[0]} train / {test_x.shape[0]} test points of dimension {dataset.input_dim}, "
         f"binarize={mode}"
     )

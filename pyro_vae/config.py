@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BINARIZE_MODES", "DEVICES", "DataConfig", "ModelConfig", "TrainConfig"]
+__all__ = ["BINARIZE_MODES", "DEVICES", "INFERENCE", "DataConfig", "ModelConfig", "TrainConfig"]
 
 BINARIZE_MODES = ("auto", "none", "static", "dynamic")
+INFERENCE = ("bottom-up", "ladder")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -53,6 +54,11 @@ class ModelConfig:
     # Keyword options of the guide head's constructor, e.g. {"rank": 4} for "low-rank".
     guide_options: Mapping[str, float] = field(default_factory=dict)
     network: str = "mlp"
+    # Activation of the networks: softplus, tanh (Burda et al.), relu or elu; None keeps the network's own
+    # default (softplus for mlp, as in Kingma & Welling; ELU for conv).
+    activation: str | None = None
+    # Inference for several latent layers: "bottom-up" q(z1|x) q(z2|z1)... or "ladder" (Sønderby et al., 2016).
+    inference: str = "bottom-up"
     # Shape of one data point as an image, for plots; None for non-image data.
     image_shape: tuple[int, ...] | None = None
 
@@ -74,6 +80,10 @@ class ModelConfig:
             raise ValueError("ModelConfig.hidden_dims needs at least one hidden width, e.g. (400,)")
         for h in self.hidden_dims:
             _positive_int("ModelConfig", "hidden_dims", h)
+        if self.inference not in INFERENCE:
+            raise ValueError(
+                f"ModelConfig.inference must be one of {', '.join(INFERENCE)}, got {self.inference!r}"
+            )
         if self.image_shape is not None and math.prod(self.image_shape) != self.data_dim:
             raise ValueError(
                 f"ModelConfig.image_shape {self.image_shape} holds {math.prod(self.image_shape)} values, "
@@ -82,7 +92,7 @@ class ModelConfig:
 
     @property
     def latent_dim(self) -> int:
-        """Size of the (single) latent layer."""
+        """Size of the first (lowest) latent layer z1."""
         return self.latent_dims[0]
 
     def to_dict(self) -> dict[str, Any]:

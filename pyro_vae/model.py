@@ -139,23 +139,38 @@ def _build(registry, name: str, *, options: dict | None = None, **required):  # 
     return component(**required, **options)
 
 
-def build_vae(config: ModelConfig) -> VAE:
-    """The VAE that ``config`` describes, with freshly initialized weights."""
-    if len(config.latent_dims) != 1:
+def build_vae(config: ModelConfig) -> nn.Module:
+    """The model that ``config`` describes, with freshly initialized weights.
+
+    One latent size gives a :class:`VAE` (site ``"z"``); several give a
+    :class:`~pyro_vae.hierarchical.HierarchicalVAE` with sites ``"z1"`` (next to
+    x) ... ``"zL"`` (under the prior), inferred ``config.inference``-wise.
+    """
+    from .hierarchical import HierarchicalVAE
+    from .nets import activation_class
+
+    hierarchical = len(config.latent_dims) > 1
+    if hierarchical and config.prior == "vamp":
         raise ValueError(
-            f"latent_dims={list(config.latent_dims)} asks for {len(config.latent_dims)} stochastic layers; "
-            "this version builds one, so give a single latent size"
+            "the vamp prior mixes the guide's q(z|x) at pseudo-inputs, which a hierarchical guide does not "
+            "give for its top layer; use another prior with several latent layers"
         )
+    if hierarchical and config.inference == "ladder" and config.guide != "diagonal":
+        raise ValueError("ladder inference builds its own Gaussian layers; use --guide diagonal with it")
+    network_options = {} if config.activation is None else {"activation": config.activation}
     likelihood = _build(
         LIKELIHOODS, config.likelihood, options=dict(config.likelihood_options), data_dim=config.data_dim
     )
-    prior = _build(PRIORS, config.prior, options=dict(config.prior_options), latent_dim=config.latent_dim)
+    prior = _build(
+        PRIORS, config.prior, options=dict(config.prior_options), latent_dim=config.latent_dims[-1]
+    )
     encoder, decoder = NETWORKS.get(config.network)(
         data_dim=config.data_dim,
         latent_dim=config.latent_dim,
         hidden_dims=config.hidden_dims,
         decoder_out_dim=likelihood.outputs_per_dim * config.data_dim,
         image_shape=config.image_shape,
+        **network_options,
     )
     guide_head = _build(
         GUIDES,
@@ -164,4 +179,18 @@ def build_vae(config: ModelConfig) -> VAE:
         feature_dim=encoder.out_dim,
         latent_dim=config.latent_dim,
     )
-    return VAE(prior=prior, likelihood=likelihood, encoder=encoder, guide_head=guide_head, decoder=decoder)
+    if not hierarchical:
+        return VAE(
+            prior=prior, likelihood=likelihood, encoder=encoder, guide_head=guide_head, decoder=decoder
+        )
+    return HierarchicalVAE(
+        prior=prior,
+        likelihood=likelihood,
+        encoder=encoder,
+        guide_head=guide_head if config.inference == "bottom-up" else None,
+        decoder=decoder,
+        latent_dims=config.latent_dims,
+        hidden_depth=len(config.hidden_dims),
+        activation=activation_class(config.activation or "softplus"),
+        inference=config.inference,
+    )

@@ -21,9 +21,37 @@ from torch import nn
 
 from .registry import Registry
 
-__all__ = ["CONV_CHANNELS", "MLP", "NETWORKS", "ConvDecoder", "ConvEncoder", "conv_networks", "mlp_networks"]
+__all__ = [
+    "ACTIVATIONS",
+    "CONV_CHANNELS",
+    "MLP",
+    "NETWORKS",
+    "ConvDecoder",
+    "ConvEncoder",
+    "activation_class",
+    "conv_networks",
+    "mlp_networks",
+]
 
 NETWORKS: Registry = Registry("network")
+
+# Activation functions by name (``ModelConfig.activation``); softplus is the default of Kingma & Welling
+# (2014), tanh that of Burda et al. (2016).
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+}
+
+
+def activation_class(name: str) -> type[nn.Module]:
+    """The activation called ``name``; a ValueError lists the valid names otherwise."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}") from None
+
 
 # Channels of the conv encoder's stride-2 layers (the decoder mirrors them): 28x28 -> 14x14 -> 7x7.
 CONV_CHANNELS: tuple[int, ...] = (32, 64)
@@ -73,13 +101,15 @@ def mlp_networks(
     hidden_dims: Sequence[int],
     decoder_out_dim: int,
     image_shape: Sequence[int] | None = None,
+    activation: str = "softplus",
 ) -> tuple[MLP, MLP]:
     """Fully connected encoder and decoder; the decoder mirrors the encoder's hidden widths.
 
     Softplus activations as in Kingma & Welling (2014), appendix C, and Pyro's VAE example.
     """
-    encoder = MLP(data_dim, hidden_dims)
-    decoder = MLP(latent_dim, list(reversed(hidden_dims)), decoder_out_dim)
+    act = activation_class(activation)
+    encoder = MLP(data_dim, hidden_dims, activation=act)
+    decoder = MLP(latent_dim, list(reversed(hidden_dims)), decoder_out_dim, activation=act)
     return encoder, decoder
 
 
@@ -213,6 +243,7 @@ def conv_networks(
     hidden_dims: Sequence[int],
     decoder_out_dim: int,
     image_shape: Sequence[int] | None = None,
+    activation: str = "elu",
 ) -> tuple[ConvEncoder, ConvDecoder]:
     """Convolutional encoder and mirrored transposed-convolution decoder for images (image_shape needed).
 
@@ -226,6 +257,8 @@ def conv_networks(
         Clevert, Unterthiner & Hochreiter, "Fast and Accurate Deep Network
         Learning by Exponential Linear Units (ELUs)", ICLR 2016.
     """
+    if activation != "elu":
+        raise ValueError(f"the conv network uses ELU activations; got activation={activation!r}")
     shape = _image_shape(image_shape, data_dim)
     if decoder_out_dim % data_dim:
         raise ValueError(

@@ -98,6 +98,9 @@ class MeanField_ELBO(_TensorLoss, TraceMeanField_ELBO):
     closed form for the pair (a mixture or flow prior, a low-rank or flow
     guide). The first call checks each latent site and warns once, naming
     the distributions, so nobody believes an estimate is analytic when it is not.
+    It also refuses a guide that draws the latents in another order than the
+    model (a bottom-up hierarchical guide): each closed-form KL would then be
+    taken at parent samples drawn after, and dependent on, its own site.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -106,16 +109,30 @@ class MeanField_ELBO(_TensorLoss, TraceMeanField_ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
         if not self._checked:
+            self._check_guide(model, guide, args, kwargs)
             self._checked = True
-            self._warn_about_monte_carlo_sites(model, guide, args, kwargs)
         return super().differentiable_loss(model, guide, *args, **kwargs)
 
     @staticmethod
-    def _warn_about_monte_carlo_sites(model, guide, args, kwargs) -> None:  # type: ignore[no-untyped-def]
+    def _check_guide(model, guide, args, kwargs) -> None:  # type: ignore[no-untyped-def]
         with torch.no_grad(), poutine.block(), torch.random.fork_rng():
             guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
             model_trace = prune_subsample_sites(
                 poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+            )
+        # KL(q(z_l | ...) || p(z_l | z_parents)) is taken at the guide's parent samples; that is the ELBO only
+        # when the guide draws the latents in the model's order. A bottom-up guide draws z1 before z2, so
+        # the closed-form KL of z1 would condition on a z2 that itself depends on z1: a biased loss.
+        model_order = [
+            n for n, s in model_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+        ]
+        guide_order = [
+            n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+        ]
+        if model_order != guide_order:
+            raise ValueError(
+                f"the mean-field loss needs the guide to draw the latents in the model's order ({', '.join(model_order)}), "
+                f"but it draws {', '.join(guide_order)}; use --loss elbo, or --inference ladder for stacked layers"
             )
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"]:

@@ -168,3 +168,37 @@ def test_one_mnist_epoch_from_the_shared_data(tmp_path, capsys):
     run = load_run(tmp_path / "mnist")
     assert run.model_config.data_dim == 784 and run.model_config.image_shape == (28, 28)
     assert -200.0 < run.history[0].test_elbo < -80.0
+
+
+@pytest.mark.parametrize("inference", ["bottom-up", "ladder"])
+def test_two_layer_model_trains_and_reports_each_layer(inference, tmp_path, capsys):
+    out = tmp_path / inference
+    argv = [
+        "train",
+        "--latent-dims",
+        "6,3",
+        "--hidden-dims",
+        "24,24",
+        "--inference",
+        inference,
+        "--activation",
+        "tanh",
+        "--epochs",
+        "2",
+        "--eval-samples",
+        "50",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    config = json.loads((out / "config.json").read_text())["model"]
+    assert config["latent_dims"] == [6, 3] and config["inference"] == inference
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", str(out), "--num-samples", "100", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "latent z1 (dim 6)" in printed and "latent z2 (dim 3)" in printed
+    layers = json.loads(report.read_text())["layers"]
+    assert [layer["site"] for layer in layers] == ["z1", "z2"]
+    assert [layer["dim"] for layer in layers] == [6, 3]
+    for layer in layers:
+        assert layer["kl"] >= -0.05 and 0 <= layer["active_units"] <= layer["dim"]

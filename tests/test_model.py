@@ -144,6 +144,10 @@ def test_build_rejects_unknown_names_and_options():
         small_vae(likelihood="poisson")
     with pytest.raises(ValueError, match="the bernoulli likelihood takes no option"):
         small_vae(likelihood="bernoulli", likelihood_options={"scale": 0.5})
-    with pytest.raises(ValueError, match="stochastic layers"):
-        build_vae(ModelConfig(data_dim=DATA_DIM, latent_dims=(4, 2)))
+    with pytest.raises(ValueError, match="vamp prior mixes the guide"):
+        build_vae(ModelConfig(data_dim=DATA_DIM, latent_dims=(4, 2), prior="vamp"))
+    with pytest.raises(ValueError, match="use --guide diagonal"):
+        build_vae(ModelConfig(data_dim=DATA_DIM, latent_dims=(4, 2), inference="ladder", guide="iaf"))
+    with pytest.raises(ValueError, match="inference must be one of bottom-up, ladder"):
+        ModelConfig(data_dim=DATA_DIM, inference="top-down")
     assert small_vae(likelihood="gaussian", likelihood_options={"scale": 0.5}).likelihood.scale == 0.5

@@ -1,0 +1,227 @@
+r"""Hierarchical latents: a VAE with L stochastic layers z1, ..., zL.
+
+Generative story (top-down), for each data point::
+
+    z_L ~ p(z_L)                                      any prior of the registry
+    z_l ~ N(mu_l(z_{l+1}), diag sigma_l(z_{l+1})^2)   l = L-1, ..., 1
+    x   ~ p(x | decoder(z_1))                         any likelihood of the registry
+
+Inference, ``bottom-up`` (Burda et al., 2016, section 5)::
+
+    q(z | x) = q(z_1 | x) q(z_2 | z_1) ... q(z_L | z_{L-1})
+
+Inference, ``ladder`` (Sønderby et al., 2016): a deterministic upward pass
+d_1 = f(x), d_l = f_l(d_{l-1}) gives each layer a Gaussian estimate
+N(mu_hat_l, sigma_hat_l^2); then, top-down, q(z_L | x) = N(mu_hat_L, sigma_hat_L^2) and
+q(z_l | z_{l+1}, x) combines the estimate with the generative
+p(z_l | z_{l+1}) by precision weighting::
+
+    sigma_q^-2 = sigma_hat^-2 + sigma_p^-2,   mu_q = (mu_hat sigma_hat^-2 + mu_p sigma_p^-2) sigma_q^2
+
+so the guide shares the generative path's parameters.
+
+Every layer is one ``pyro.sample`` site, ``"z1"`` ... ``"zL"``, inside the
+data plate, so SVI, every objective and the log p(x) evaluator run unchanged.
+
+References:
+    Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
+    Sønderby, Raiko, Maaløe, Sønderby & Winther, "Ladder Variational
+    Autoencoders", NeurIPS 2016.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .guides import GuideHead
+from .likelihoods import Likelihood
+from .model import data_plate
+from .nets import MLP
+from .priors import Prior
+
+__all__ = ["GaussianLayer", "HierarchicalVAE"]
+
+_MIN_SCALE = 1e-5
+
+
+class GaussianLayer(nn.Module):
+    """A conditional diagonal Gaussian N(mu(h), diag sigma(h)^2) with an MLP body.
+
+    Used for p(z_l | z_{l+1}) in the model and q(z_{l+1} | z_l) in the
+    bottom-up guide. Leading dimensions of ``h`` (particles, data) pass through.
+    """
+
+    def __init__(
+        self, in_dim: int, hidden_dims: Sequence[int], out_dim: int, *, activation: type[nn.Module]
+    ) -> None:
+        super().__init__()
+        self.body = MLP(in_dim, hidden_dims, activation=activation)
+        self.loc = nn.Linear(self.body.out_dim, out_dim)
+        self.raw_scale = nn.Linear(self.body.out_dim, out_dim)
+
+    def params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.body(h)
+        return self.loc(features), F.softplus(self.raw_scale(features)) + _MIN_SCALE
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(*self.params(h)).to_event(1)
+
+
+class HierarchicalVAE(nn.Module):
+    """A VAE with stochastic layers z1 (next to x) ... zL (under the prior); see the module docstring.
+
+    ``down[l]`` is p(z_{l+1} | z_{l+2}) for l = 0..L-2 (0-based: ``down[0]`` gives z1
+    from z2). ``bottom-up`` inference uses ``guide_head(encoder(x))`` for z1
+    and ``up[l]`` for q(z_{l+2} | z_{l+1}). ``ladder`` inference uses
+    ``ladder_nets[l]`` (d_{l+1} -> d_{l+2}) and ``ladder_heads[l]`` (d_{l+1} ->
+    Gaussian estimate of z_{l+1}), and the model's ``down`` layers.
+    """
+
+    def __init__(
+        self,
+        *,
+        prior: Prior,
+        likelihood: Likelihood,
+        encoder: nn.Module,
+        guide_head: GuideHead | None,
+        decoder: nn.Module,
+        latent_dims: Sequence[int],
+        hidden_depth: int = 2,
+        activation: type[nn.Module] = nn.Softplus,
+        inference: str = "bottom-up",
+    ) -> None:
+        super().__init__()
+        dims = list(latent_dims)
+        if len(dims) < 2:
+            raise ValueError("a HierarchicalVAE needs at least two latent layers; use VAE for one")
+        if prior.latent_dim != dims[-1]:
+            raise ValueError(
+                f"the prior is over {prior.latent_dim} dimensions but the top layer has {dims[-1]}"
+            )
+        if inference not in ("bottom-up", "ladder"):
+            raise ValueError(f"inference must be 'bottom-up' or 'ladder', got {inference!r}")
+        if inference == "bottom-up" and (guide_head is None or guide_head.latent_dim != dims[0]):
+            raise ValueError(f"bottom-up inference needs a guide head for z1 with latent_dim {dims[0]}")
+        self.latent_dims = dims
+        self.inference = inference
+        self.prior = prior
+        self.likelihood = likelihood
+        self.encoder = encoder
+        self.decoder = decoder
+        # Between layers l and l+1: `hidden_depth` hidden layers as wide as the upper layer (Burda et al.:
+        # 100 -> 50 -> 50 -> 50 between z1 = 100 and z2 = 50).
+        self.down = nn.ModuleList(
+            GaussianLayer(dims[i + 1], [dims[i + 1]] * hidden_depth, dims[i], activation=activation)
+            for i in range(len(dims) - 1)
+        )
+        if inference == "bottom-up":
+            self.guide_head = guide_head
+            self.up = nn.ModuleList(
+                GaussianLayer(dims[i], [dims[i + 1]] * hidden_depth, dims[i + 1], activation=activation)
+                for i in range(len(dims) - 1)
+            )
+        else:
+            feature_dim = encoder.out_dim
+            widths = [feature_dim] + [dims[i] for i in range(1, len(dims))]
+            self.ladder_nets = nn.ModuleList(
+                MLP(widths[i], [dims[i + 1]] * hidden_depth, activation=activation)
+                for i in range(len(dims) - 1)
+            )
+            self.ladder_heads = nn.ModuleList(nn.Linear(widths[i], 2 * dims[i]) for i in range(len(dims)))
+        self.prior.bind(encoder=encoder, guide_head=guide_head, data_dim=likelihood.data_dim)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.latent_dims)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.latent_dims[0]
+
+    def site_names(self) -> list[str]:
+        return [f"z{i}" for i in range(1, self.num_layers + 1)]
+
+    def model(self, x: torch.Tensor, *, num_data: int | None = None) -> None:
+        """p(x, z1..zL) = p(zL) prod_l p(z_l | z_{l+1}) p(x | z1), top-down."""
+        pyro.module("prior", self.prior)
+        pyro.module("down", self.down)
+        pyro.module("decoder", self.decoder)
+        pyro.module("likelihood", self.likelihood)
+        with data_plate(x, num_data):
+            z = pyro.sample(f"z{self.num_layers}", self.prior())  # [..., M, d_L]
+            for layer in range(self.num_layers - 1, 0, -1):
+                z = pyro.sample(f"z{layer}", self.down[layer - 1](z))  # [..., M, d_layer]
+            pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def guide(self, x: torch.Tensor, *, num_data: int | None = None) -> None:
+        """q(z1..zL | x), bottom-up or ladder."""
+        if self.inference == "bottom-up":
+            self._bottom_up_guide(x, num_data)
+        else:
+            self._ladder_guide(x, num_data)
+
+    def _bottom_up_guide(self, x: torch.Tensor, num_data: int | None) -> None:
+        pyro.module("encoder", self.encoder)
+        pyro.module("guide_head", self.guide_head)
+        pyro.module("up", self.up)
+        with data_plate(x, num_data):
+            z = pyro.sample("z1", self.guide_head(self.encoder(x)))  # [..., M, d_1]
+            for layer in range(2, self.num_layers + 1):
+                z = pyro.sample(f"z{layer}", self.up[layer - 2](z))  # [..., M, d_layer]
+
+    def _ladder_estimates(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        # The deterministic upward pass: d_1 = encoder(x), d_l = f_l(d_{l-1}); each d_l [M, w_l] gives
+        # the layer's own Gaussian estimate (mu_hat_l, sigma_hat_l), [M, d_l] each.
+        d = self.encoder(x)
+        estimates = []
+        for layer in range(self.num_layers):
+            if layer > 0:
+                d = self.ladder_nets[layer - 1](d)
+            loc, raw = self.ladder_heads[layer](d).chunk(2, dim=-1)
+            estimates.append((loc, F.softplus(raw) + _MIN_SCALE))
+        return estimates
+
+    def _ladder_guide(self, x: torch.Tensor, num_data: int | None) -> None:
+        pyro.module("encoder", self.encoder)
+        pyro.module("ladder_nets", self.ladder_nets)
+        pyro.module("ladder_heads", self.ladder_heads)
+        pyro.module("down", self.down)  # the generative path the ladder shares
+        estimates = self._ladder_estimates(x)
+        with data_plate(x, num_data):
+            loc, scale = estimates[-1]
+            z = pyro.sample(f"z{self.num_layers}", dist.Normal(loc, scale).to_event(1))
+            for layer in range(self.num_layers - 1, 0, -1):
+                loc_hat, scale_hat = estimates[layer - 1]  # [M, d]
+                loc_p, scale_p = self.down[layer - 1].params(z)  # [..., M, d]
+                precision_hat, precision_p = scale_hat.pow(-2), scale_p.pow(-2)
+                precision = precision_hat + precision_p
+                loc = (loc_hat * precision_hat + loc_p * precision_p) / precision
+                z = pyro.sample(f"z{layer}", dist.Normal(loc, precision.rsqrt()).to_event(1))
+
+    @torch.no_grad()
+    def posterior_mean_z1(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of z1 under the guide ([N, d_1]; by Monte Carlo over z2.. for the ladder)."""
+        if self.inference == "bottom-up":
+            return self.guide_head(self.encoder(x)).mean
+        trace = pyro.poutine.trace(self.guide).get_trace(x)
+        return trace.nodes["z1"]["fn"].mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x | z1) at the guide's mean of z1: [N, D]."""
+        return self.likelihood(self.decoder(self.posterior_mean_z1(x))).mean
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:
+        """New data by ancestral sampling z_L ~ p(z_L), z_l ~ p(z_l | z_{l+1}), x ~ p(x | z_1)."""
+        z = self.prior().sample((num_samples,))
+        for layer in range(self.num_layers - 1, 0, -1):
+            z = self.down[layer - 1](z).sample()
+        px = self.likelihood(self.decoder(z))
+        return px.mean if mean else px.sample()
