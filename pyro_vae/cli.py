@@ -31,7 +31,7 @@ from .model import build_vae
 from .nets import ACTIVATIONS, NETWORKS
 from .objectives import LOSSES
 from .priors import PRIORS
-from .run import is_run_dir, load_run, save_evaluation, save_run
+from .run import is_run_dir, load_run, save_config, save_evaluation, save_run
 from .train import fit, resolve_device
 
 __all__ = ["format_report", "main"]
@@ -82,6 +82,25 @@ def _option(text: str) -> tuple[str, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"the value of {key} must be a number, got {value!r}") from None
     return key, int(number) if number.is_integer() and "." not in value else number
+
+
+def _index_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated data indices like 0,5,9, got {text!r}"
+        ) from None
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
 
 
 def _choice(registry: Any) -> Any:
@@ -180,13 +199,26 @@ def _parser() -> argparse.ArgumentParser:
         default=_DEFAULTS_TRAIN.num_particles,
         help="samples of z per datum per step",
     )
-    fitting.add_argument("--seed", type=int, default=_DEFAULTS_TRAIN.seed)
+    fitting.add_argument(
+        "--clip-norm", type=_positive(float), default=None, help="clip the gradient's global norm to this"
+    )
+    fitting.add_argument("--seed", type=_non_negative_int, default=_DEFAULTS_TRAIN.seed)
     fitting.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} or cuda:N")
     train.add_argument(
         "--eval-samples", type=int, default=1000, help="K for the final test log p(x); 0 skips it"
     )
     train.add_argument("--out", default=None, help="run folder (default: runs/DATASET-TIME)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its checkpoint (same flags)"
+    )
+    train.add_argument(
+        "--checkpoint-every",
+        type=_positive(int),
+        default=None,
+        metavar="STEPS",
+        help="also checkpoint every STEPS steps (always at the end of each epoch)",
+    )
 
     evaluate = commands.add_parser(
         "evaluate", help="importance-sampled log p(x), IWAE bounds and PSIS diagnostics"
@@ -205,6 +237,21 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", default="auto")
+
+    export = commands.add_parser(
+        "export", help="importance samples of the latents as an ArviZ InferenceData (netCDF)"
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--out", required=True, metavar="FILE.nc")
+    export.add_argument("--num-samples", type=_positive(int), default=1000, help="draws z ~ q(z|x) per datum")
+    export.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    export.add_argument("--indices", type=_index_list, default=None, help="data points to export, e.g. 0,5,9")
+    export.add_argument(
+        "--limit", type=_positive(int), default=16, help="without --indices: the first N points"
+    )
+    export.add_argument("--chunk-size", type=_positive(int), default=1000)
+    export.add_argument("--seed", type=_non_negative_int, default=0)
+    export.add_argument("--device", default="auto")
 
     commands.add_parser("list", help="every registered prior, likelihood, guide, network, loss and data set")
     return parser
@@ -281,19 +328,30 @@ def _train(args: argparse.Namespace) -> int:
         loss=args.loss,
         beta=args.beta,
         warmup_epochs=args.warmup_epochs,
+        clip_norm=args.clip_norm,
         seed=args.seed,
         device=args.device,
     )
     data_config = DataConfig(dataset=args.dataset, data_dir=args.data_dir, binarize=mode)
     out = Path(args.out or f"runs/{Path(args.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if is_run_dir(out) and not args.overwrite:
-        raise ValueError(f"{out} already holds a run; choose another --out or pass --overwrite")
+    checkpoint = out / "checkpoint.pt"
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
+    if args.resume and not checkpoint.is_file():
+        raise ValueError(f"{out} holds no checkpoint.pt to resume; train without --resume")
+    if is_run_dir(out) and not (args.overwrite or args.resume):
+        raise ValueError(f"{out} already holds a run; choose another --out, or pass --resume or --overwrite")
+    if args.overwrite:
+        for name in ("config.json", "model.pt", "metrics.csv", "evaluation.json", "checkpoint.pt"):
+            (out / name).unlink(missing_ok=True)
     if args.eval_samples < 0:
         raise ValueError(f"--eval-samples must be 0 (skip) or a positive integer, got {args.eval_samples}")
     device = resolve_device(args.device)
 
     pyro.set_rng_seed(args.seed)
     vae = build_vae(model_config)
+    # The configs go in first, so a run that dies still says what it was (and --resume finds it).
+    save_config(out, model_config=model_config, train_config=train_config, data_config=data_config)
     start = time.perf_counter()
     result = fit(
         vae,
@@ -306,9 +364,14 @@ def _train(args: argparse.Namespace) -> int:
         loss=train_config.loss,
         beta=train_config.beta,
         warmup_epochs=train_config.warmup_epochs,
+        clip_norm=train_config.clip_norm,
         seed=train_config.seed,
         device=device,
         dynamic_binarization=mode == "dynamic",
+        checkpoint=checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        model_config=model_config,
     )
     seconds = time.perf_counter() - start
     save_run(
@@ -363,6 +426,24 @@ def _evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_command(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    path = export_run(
+        args.run_dir,
+        args.out,
+        num_samples=args.num_samples,
+        split=args.split,
+        indices=args.indices,
+        limit=args.limit,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+        device=resolve_device(args.device),
+    )
+    print(f"wrote {path} (open it with arviz.from_netcdf)")
+    return 0
+
+
 def _list_command(args: argparse.Namespace) -> int:
     for heading, registry in _REGISTRIES.items():
         print(heading)
@@ -373,7 +454,12 @@ def _list_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = {"train": _train, "evaluate": _evaluate_command, "list": _list_command}[args.command]
+    command = {
+        "train": _train,
+        "evaluate": _evaluate_command,
+        "export": _export_command,
+        "list": _list_command,
+    }[args.command]
     try:
         return command(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
@@ -382,8 +468,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"pyro-vae: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pyro-vae: interrupted", file=sys.stderr)
+    except FloatingPointError as error:
+        if args.debug:
+            raise
+        print(f"pyro-vae: training stopped: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as error:
+        print(f"pyro-vae: interrupted{': ' + str(error) if str(error) else ''}", file=sys.stderr)
+        if args.command == "train":
+            print("pyro-vae: run the same command with --resume to continue", file=sys.stderr)
         return 130
 
 

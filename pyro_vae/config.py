@@ -117,6 +117,8 @@ class TrainConfig:
     beta: float = 1.0
     # Epochs over which the KL weight rises linearly from 0 to beta (Sønderby et al., 2016).
     warmup_epochs: int = 0
+    # Largest norm of the gradient of all parameters together; None: no clipping.
+    clip_norm: float | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -132,6 +134,12 @@ class TrainConfig:
         ):
             raise ValueError(
                 f"TrainConfig.warmup_epochs must be a non-negative integer, got {self.warmup_epochs!r}"
+            )
+        if self.clip_norm is not None and not (
+            isinstance(self.clip_norm, int | float) and math.isfinite(self.clip_norm) and self.clip_norm > 0
+        ):
+            raise ValueError(
+                f"TrainConfig.clip_norm must be a positive number or None, got {self.clip_norm!r}"
             )
         if self.loss == "iwae" and (self.beta != 1 or self.warmup_epochs):
             raise ValueError(

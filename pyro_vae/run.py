@@ -14,14 +14,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
+from ._io import write_atomic, write_text_atomic
 from ._typing import DeviceLike
 from .binarization import prepare_split
 from .config import DataConfig, ModelConfig, TrainConfig
@@ -29,29 +28,14 @@ from .data import load_dataset
 from .model import VAE, build_vae
 from .train import EpochRecord
 
-__all__ = ["FORMAT", "Run", "is_run_dir", "load_run", "save_evaluation", "save_run", "write_atomic"]
+__all__ = ["FORMAT", "Run", "is_run_dir", "load_run", "save_config", "save_evaluation", "save_run"]
 
 FORMAT = "pyro_vae.run/1"
 _FILES = ("config.json", "model.pt", "metrics.csv")
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder, fsync, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda handle: handle.write(text.encode()))
+    write_text_atomic(path, text)
 
 
 @dataclass
@@ -75,6 +59,25 @@ def is_run_dir(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
+def save_config(
+    path: str | os.PathLike[str],
+    *,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data_config: DataConfig,
+) -> Path:
+    """Write ``config.json``: everything needed to rebuild the model and redo its training."""
+    path = Path(path)
+    config = {
+        "format": FORMAT,
+        "model": model_config.to_dict(),
+        "train": train_config.to_dict(),
+        "data": data_config.to_dict(),
+    }
+    _write_text(path / "config.json", json.dumps(config, indent=2) + "\n")
+    return path
+
+
 def save_run(
     path: str | os.PathLike[str],
     *,
@@ -85,14 +88,7 @@ def save_run(
     history: list[EpochRecord],
 ) -> Path:
     """Write the run's three files into ``path`` (created if missing)."""
-    path = Path(path)
-    config = {
-        "format": FORMAT,
-        "model": model_config.to_dict(),
-        "train": train_config.to_dict(),
-        "data": data_config.to_dict(),
-    }
-    _write_text(path / "config.json", json.dumps(config, indent=2) + "\n")
+    path = save_config(path, model_config=model_config, train_config=train_config, data_config=data_config)
     state = {name: tensor.detach().cpu() for name, tensor in vae.state_dict().items()}
     write_atomic(path / "model.pt", lambda handle: torch.save(state, handle))
     rows = ["epoch,train_elbo,test_elbo,seconds"]

@@ -9,10 +9,12 @@ bar refreshes and at the end of an epoch.
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import pyro
 import pyro.optim
@@ -23,7 +25,8 @@ from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
 from ._typing import DeviceLike
-from .config import TrainConfig
+from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .config import ModelConfig, TrainConfig
 from .model import VAE
 from .objectives import LatentWeight, make_loss, scale_latents
 
@@ -51,13 +54,19 @@ class AsyncSVI(SVI):
     ``SVI.step`` returns a Python float, which forces the host to wait for the
     GPU every step. ``step_async`` does the same work (gradient of the loss,
     one step of each parameter's optimizer, zeroed gradients) and leaves the
-    loss on the device, so steps queue up behind each other.
+    loss on the device, so steps queue up behind each other. ``clip_norm``,
+    when set, rescales the gradient of all parameters together to at most that norm.
     """
+
+    clip_norm: float | None = None
 
     def step_async(self, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
         with poutine.trace(param_only=True) as capture:
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
         params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        if self.clip_norm is not None:
+            # One norm over all parameters (no host sync: the scale is applied on the device).
+            torch.nn.utils.clip_grad_norm_(list(params), self.clip_norm)
         self.optim(params)
         zero_grads(params)
         return torch.as_tensor(loss).detach()
@@ -103,16 +112,6 @@ def warmup_weight(step: int, *, beta: float, warmup_steps: int) -> float:
     return beta if warmup_steps <= 0 else beta * min(1.0, step / warmup_steps)
 
 
-def _minibatches(
-    x: torch.Tensor, batch_size: int, generator: torch.Generator | None
-) -> Iterator[torch.Tensor]:
-    # A fresh permutation every epoch, drawn on the data's device; the last
-    # minibatch may be smaller, and the plate's N/M scaling keeps it unbiased.
-    order = torch.randperm(x.shape[0], device=x.device, generator=generator)
-    for index in order.split(batch_size):
-        yield x[index]
-
-
 def fit(
     vae: VAE,
     train: torch.Tensor,
@@ -125,9 +124,14 @@ def fit(
     loss: str = "elbo",
     beta: float = 1.0,
     warmup_epochs: int = 0,
+    clip_norm: float | None = None,
     seed: int = 0,
     device: DeviceLike = "auto",
     dynamic_binarization: bool = False,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    model_config: ModelConfig | None = None,
     progress: bool | None = None,
 ) -> FitResult:
     """Fit ``vae`` to ``train`` [N, D] by SVI; returns the model and per-epoch ELBOs.
@@ -143,6 +147,18 @@ def fit(
     :mod:`pyro_vae.objectives`). ``beta`` weighs the KL term,
     E_q[log p(x|z)] - beta KL(q || p), and ``warmup_epochs`` raises that weight
     linearly from 0 to ``beta`` over the first epochs, step by step.
+    ``clip_norm`` rescales the gradient of all parameters together whenever
+    its norm exceeds it.
+
+    With ``checkpoint`` (a file path) the full training state is written
+    atomically at the end of every epoch and every ``checkpoint_every`` steps;
+    ``resume=True`` continues from it (same data, same settings; ``epochs``
+    may be raised to train longer). On the CPU a resumed run ends with exactly
+    the parameters of an uninterrupted one. Ctrl-C (SIGINT) stops after the
+    current step, writes the checkpoint and raises KeyboardInterrupt. A NaN or
+    infinite loss stops training with FloatingPointError naming the step and
+    the last good checkpoint; non-finite weights are never written.
+    ``model_config`` is stored in the checkpoint and must match on resume.
 
     The history holds per-datum figures in nats: ``train_elbo`` averages the
     training objective's minibatch estimates over the epoch (the ELBO itself
@@ -158,9 +174,14 @@ def fit(
         loss=loss,
         beta=beta,
         warmup_epochs=warmup_epochs,
+        clip_norm=clip_norm,
         seed=seed,
         device=str(device),
     )
+    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every!r}")
+    if (resume or checkpoint_every) and checkpoint is None:
+        raise ValueError("resume and checkpoint_every need a checkpoint path")
     run_device = resolve_device(device)
     _check_data(vae, train, "training", dynamic_binarization=dynamic_binarization)
     if test is not None:
@@ -170,8 +191,10 @@ def fit(
             f"batch_size {batch_size} is larger than the {train.shape[0]} training points; use --batch-size "
             f"{train.shape[0]} or less"
         )
+    saved = load_checkpoint(checkpoint) if resume else None
+    if saved is not None:
+        _check_resumable(saved, config, model_config, vae, num_data=train.shape[0])
 
-    pyro.set_rng_seed(seed)
     vae.to(run_device)
     train = train.to(run_device)
     test = test.to(run_device) if test is not None else None
@@ -180,56 +203,191 @@ def fit(
     show = sys.stdout.isatty() if progress is None else progress
     result = FitResult(vae=vae, device=run_device, config=config)
 
-    # A param store of its own, so a parameter left in the global store by an
-    # earlier model of the same name cannot stand in for this model's.
     # The KL weight: beta, or its warm-up value, read by both model and guide at every step.
     kl_weight = LatentWeight(beta if warmup_epochs == 0 else 0.0)
     warmup_steps = warmup_epochs * steps_per_epoch
     model, guide = vae.model, vae.guide
     if beta != 1 or warmup_epochs:
         model, guide = scale_latents(model, kl_weight), scale_latents(guide, kl_weight)
-    with pyro.get_param_store().scope():
+    # A param store of its own, so a parameter left in the global store by an
+    # earlier model of the same name cannot stand in for this model's.
+    with pyro.get_param_store().scope(), _StopOnInterrupt() as interrupt:
         svi = AsyncSVI(
             model, guide, pyro.optim.Adam({"lr": lr}), loss=make_loss(loss, num_particles=num_particles)
         )
-        bar = tqdm(
-            total=epochs * steps_per_epoch, disable=not show, file=sys.stderr, unit="step", dynamic_ncols=True
-        )
-        step = 0
-        for epoch in range(1, epochs + 1):
-            start = time.perf_counter()
-            bar.set_description(f"epoch {epoch}/{epochs}")
-            # Sum over the epoch of the unscaled minibatch losses -sum_n ELBO_n, kept on the device.
-            epoch_loss = torch.zeros((), dtype=torch.float64, device=run_device)
-            seen = 0
-            for x in _minibatches(train, batch_size, None):
-                if dynamic_binarization:
-                    x = torch.bernoulli(x)
-                if warmup_steps:
-                    kl_weight.beta = warmup_weight(step, beta=beta, warmup_steps=warmup_steps)
-                # Pyro's validation (shapes, supports) on the first step only: every later check would be
-                # a host-device synchronisation, and the data were checked once above.
-                with pyro.validation_enabled(step == 0):
-                    step_loss = svi.step_async(x, num_data=num_data)
-                epoch_loss += step_loss.double() * (x.shape[0] / num_data)
-                seen += x.shape[0]
-                step += 1
-                bar.update()
-                if show and step % _REFRESH_EVERY == 0:
-                    bar.set_postfix(elbo=f"{-float(epoch_loss) / seen:.2f}")
-            train_elbo = -float(epoch_loss) / num_data
-            if not math.isfinite(train_elbo):
-                bar.close()
-                raise FloatingPointError(
-                    f"the training ELBO became {train_elbo} in epoch {epoch}; lower --lr or check the data"
+        svi.clip_norm = clip_norm
+        # Where training stands: the epoch in progress, its data order and how many minibatches of it are
+        # done, and the epoch's running sums (kept on the device).
+        epoch, done, order, step = 1, 0, None, 0
+        epoch_loss = torch.zeros((), dtype=torch.float64, device=run_device)
+        seen = 0
+        if saved is None:
+            pyro.set_rng_seed(seed)
+        else:
+            vae.load_state_dict(saved["model"])
+            svi.optim.set_state(saved["optim"])
+            result.history = [EpochRecord(**record) for record in saved["history"]]
+            epoch, done, step, seen = saved["epoch"], saved["done"], saved["step"], saved["seen"]
+            order = None if saved["order"] is None else saved["order"].to(run_device)
+            epoch_loss = torch.tensor(saved["epoch_loss"], dtype=torch.float64, device=run_device)
+            restore_rng(saved["rng"])
+        # The first step whose loss was not finite, found without a host sync: read back only at checks.
+        first_bad = torch.full((), -1, dtype=torch.long, device=run_device)
+
+        def snapshot() -> dict:
+            return {
+                "model_config": None if model_config is None else model_config.to_dict(),
+                "train_config": config.to_dict(),
+                "num_data": num_data,
+                "model": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
+                "optim": svi.optim.get_state(),
+                "rng": capture_rng(),
+                "epoch": epoch,
+                "done": done,
+                "step": step,
+                "seen": seen,
+                "order": None if order is None else order.cpu(),
+                "epoch_loss": float(epoch_loss),
+                "history": [asdict(record) for record in result.history],
+            }
+
+        def check_finite() -> None:
+            bad = int(first_bad)
+            if bad >= 0:
+                last = (
+                    f"the last good checkpoint is {checkpoint}"
+                    if checkpoint and Path(checkpoint).exists()
+                    else ("no checkpoint was written")
                 )
-            test_elbo = mean_elbo(vae, test, num_particles=num_particles) if test is not None else None
-            result.history.append(EpochRecord(epoch, train_elbo, test_elbo, time.perf_counter() - start))
-            bar.set_postfix(
-                elbo=f"{train_elbo:.2f}", test=f"{test_elbo:.2f}" if test_elbo is not None else "-"
-            )
-        bar.close()
+                raise FloatingPointError(
+                    f"the loss became NaN or infinite at step {bad + 1} (epoch {epoch}); {last}; "
+                    "lower --lr or set --clip-norm"
+                )
+
+        def save() -> None:
+            check_finite()
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, snapshot())
+
+        bar = tqdm(
+            total=epochs * steps_per_epoch,
+            initial=step,
+            disable=not show,
+            file=sys.stderr,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        try:
+            while epoch <= epochs:
+                start = time.perf_counter()
+                bar.set_description(f"epoch {epoch}/{epochs}")
+                if order is None:
+                    # A fresh permutation every epoch, from the global generator (restored on resume).
+                    order = torch.randperm(num_data, device=run_device)
+                batches = order.split(batch_size)
+                while done < len(batches):
+                    x = train[batches[done]]  # the last minibatch may be smaller; N/M keeps it unbiased
+                    if dynamic_binarization:
+                        x = torch.bernoulli(x)
+                    if warmup_steps:
+                        kl_weight.beta = warmup_weight(step, beta=beta, warmup_steps=warmup_steps)
+                    # Pyro's validation (shapes, supports) on the first step only: every later check would
+                    # be a host-device synchronisation, and the data were checked once above.
+                    with pyro.validation_enabled(step == 0):
+                        step_loss = svi.step_async(x, num_data=num_data)
+                    first_bad = torch.where(
+                        (first_bad < 0) & ~torch.isfinite(step_loss),
+                        torch.full_like(first_bad, step),
+                        first_bad,
+                    )
+                    epoch_loss += step_loss.double() * (x.shape[0] / num_data)
+                    seen += x.shape[0]
+                    step += 1
+                    done += 1
+                    bar.update()
+                    if run_device.type == "cpu" or step % _REFRESH_EVERY == 0:
+                        check_finite()  # free on the CPU; on a GPU only as often as the bar refreshes
+                    if show and step % _REFRESH_EVERY == 0:
+                        bar.set_postfix(elbo=f"{-float(epoch_loss) / seen:.2f}")
+                    if interrupt.requested:
+                        save()
+                        raise KeyboardInterrupt(
+                            f"stopped at step {step}"
+                            + (f"; the checkpoint {checkpoint} resumes it" if checkpoint else "")
+                        )
+                    if checkpoint_every and step % checkpoint_every == 0 and done < len(batches):
+                        save()
+                check_finite()
+                train_elbo = -float(epoch_loss) / num_data
+                test_elbo = mean_elbo(vae, test, num_particles=num_particles) if test is not None else None
+                result.history.append(EpochRecord(epoch, train_elbo, test_elbo, time.perf_counter() - start))
+                bar.set_postfix(
+                    elbo=f"{train_elbo:.2f}", test=f"{test_elbo:.2f}" if test_elbo is not None else "-"
+                )
+                epoch, done, order, seen = epoch + 1, 0, None, 0
+                epoch_loss = torch.zeros((), dtype=torch.float64, device=run_device)
+                save()
+        finally:
+            bar.close()
     return result
+
+
+def _check_resumable(
+    saved: dict, config: TrainConfig, model_config: ModelConfig | None, vae: VAE, *, num_data: int
+) -> None:
+    """Refuse a checkpoint made with other settings, another model or other data."""
+    ours, theirs = config.to_dict(), dict(saved["train_config"])
+    # Training longer is allowed; everything else must be what the checkpoint was made with.
+    for free in ("epochs", "device"):  # the device changes where, not what, is computed
+        ours.pop(free), theirs.pop(free, None)
+    differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    if model_config is not None and saved["model_config"] is not None:
+        mine, stored = model_config.to_dict(), saved["model_config"]
+        differ += sorted(
+            f"model.{k}" for k in set(mine) | set(stored) if _plain(mine.get(k)) != _plain(stored.get(k))
+        )
+    if saved["num_data"] != num_data:
+        differ.append(f"number of training points ({saved['num_data']} then, {num_data} now)")
+    expected = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    stored_shapes = {k: tuple(v.shape) for k, v in saved["model"].items()}
+    if expected != stored_shapes:
+        differ.append("model weights (names or shapes)")
+    if differ:
+        raise ValueError(
+            f"the checkpoint was made with another configuration (differs in: {', '.join(differ)}); "
+            "resume with the original settings, or train afresh with --overwrite"
+        )
+    if config.epochs < saved["epoch"] - 1:
+        raise ValueError(
+            f"the checkpoint has finished {saved['epoch'] - 1} epochs, more than --epochs {config.epochs}"
+        )
+
+
+def _plain(value: object) -> object:
+    # JSON turns tuples into lists; compare configs in that form.
+    return list(value) if isinstance(value, tuple) else value
+
+
+class _StopOnInterrupt:
+    """Turns the first Ctrl-C (SIGINT) into a flag the training loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _check_data(vae: VAE, x: torch.Tensor, what: str, *, dynamic_binarization: bool) -> None:

@@ -31,6 +31,7 @@ def test_train_writes_the_run_folder(digits_run, capsys):
         "model.pt",
         "metrics.csv",
         "evaluation.json",
+        "checkpoint.pt",
     }
     config = json.loads((digits_run / "config.json").read_text())
     assert config["model"]["latent_dims"] == [4] and config["model"]["hidden_dims"] == [32]

@@ -1,0 +1,369 @@
+r"""The importance samples of a VAE as an ArviZ ``InferenceData``, written to netCDF.
+
+For every exported data point x_i, K draws z_k ~ q(z | x_i) from the guide, the
+model replayed on them, and per draw::
+
+    log_likelihood.x       log p(x_i | z_k)
+    sample_stats.log_prior log p(z_k)                          (all latent sites)
+    sample_stats.log_q     log q(z_k | x_i)
+    sample_stats.log_weight  log w_k = log p(x_i | z_k) + log p(z_k) - log q(z_k | x_i)
+
+and per data point ``log_px`` = log (1/K) sum_k w_k and the PSIS ``khat`` of the
+weights, the same estimates as :func:`pyro_vae.evaluation.evaluate_bounds`.
+
+The draws are from q(z | x), the approximate posterior, not from p(z | x):
+plain averages over ``posterior`` are guide expectations. Self-normalized
+with the weights, sum_k softmax(log w)_k f(z_k), they estimate E_{p(z|x)}[f(z)],
+and ``khat`` (< 0.7) says whether that estimate can be trusted.
+
+The samples come from the evaluator's own traced pass
+(:func:`~pyro_vae.evaluation.traced_log_weights`, chunked as
+:func:`~pyro_vae.evaluation.evaluate_bounds` chunks it), so with the same seed
+and chunk sizes they are the samples behind ``log_marginal``.
+
+References:
+    Kumar, Carroll, Hartikainen & Martin, "ArviZ a unified library for
+    exploratory analysis of Bayesian models in Python", JOSS 4(33), 2019.
+    Vehtari, Simpson, Gelman, Yao & Gabry, "Pareto Smoothed Importance
+    Sampling", JMLR 25(72), 2024.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import arviz
+import numpy as np
+import pyro
+import torch
+import xarray
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+
+from ._typing import DeviceLike, ModelFn
+from .evaluation import (
+    _MIN_SAMPLES_FOR_KHAT,
+    _ROWS_PER_PASS,
+    _max_plate_nesting,
+    _psis_khat,
+    _site_log_density,
+    traced_log_weights,
+)
+
+__all__ = ["export_run", "to_inference_data"]
+
+
+@dataclass(frozen=True)
+class _Draws:
+    """K importance samples for each of n data points; log-densities float64."""
+
+    latents: dict[str, torch.Tensor]  # site -> [K, n, d_site], guide order
+    log_lik: dict[str, torch.Tensor]  # observed site -> [K, n]
+    observed: dict[str, torch.Tensor]  # observed site -> [n, D_site]
+    log_prior: torch.Tensor  # [K, n]
+    log_q: torch.Tensor  # [K, n]
+
+
+def _per_datum(site: dict[str, Any], *, particle_dim: int, num_samples: int) -> torch.Tensor:
+    """A site's value as [K, n, -1]: particles first, data second, everything else flattened."""
+    value = site["value"]
+    event_dim = len(site["fn"].event_shape)
+    batch_dim = value.dim() - event_dim
+    # Pad the batch to the particle dim (an observed value has none): then particles are axis 0.
+    value = value.reshape((1,) * (-particle_dim - batch_dim) + value.shape)
+    data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == "data")
+    value = value.expand(num_samples, *value.shape[1:]).movedim(-particle_dim + data_dim, 1)
+    return value.reshape(num_samples, value.shape[1], -1)
+
+
+def _one_pass(model: ModelFn, guide: ModelFn, x: torch.Tensor, *, num_samples: int, nesting: int) -> _Draws:
+    # traced_log_weights traces the guide in the particle plate and replays the model; the inner tracers
+    # keep those very traces, sample for sample, so nothing is drawn here that the evaluator does not draw.
+    guide_tracer, model_tracer = poutine.trace(guide), poutine.trace(model)
+    traced_log_weights(model_tracer, guide_tracer, x, num_samples=num_samples, max_plate_nesting=nesting)
+    guide_trace = prune_subsample_sites(guide_tracer.trace)
+    model_trace = prune_subsample_sites(model_tracer.trace)
+    particle_dim = -nesting - 1
+
+    def log_density(site: dict[str, Any]) -> torch.Tensor:
+        log_p = _site_log_density(site, particle_dim=particle_dim).double()  # [K or 1, n or 1]
+        return log_p.expand(num_samples, x.shape[0])
+
+    guide_sites = [s for s in guide_trace.nodes.values() if s["type"] == "sample" and not s["is_observed"]]
+    model_sites = [s for s in model_trace.nodes.values() if s["type"] == "sample"]
+    observed = [s for s in model_sites if s["is_observed"]]
+    zero = x.new_zeros((num_samples, x.shape[0]), dtype=torch.float64)  # 0 + a == a: sums stay exact
+    return _Draws(
+        latents={
+            s["name"]: _per_datum(s, particle_dim=particle_dim, num_samples=num_samples) for s in guide_sites
+        },
+        log_lik={s["name"]: log_density(s) for s in observed},
+        observed={s["name"]: _per_datum(s, particle_dim=particle_dim, num_samples=1)[0] for s in observed},
+        log_prior=sum((log_density(s) for s in model_sites if not s["is_observed"]), zero),
+        log_q=sum((log_density(s) for s in guide_sites), zero),
+    )
+
+
+def _cat(parts: Sequence[_Draws], *, dim: int) -> _Draws:
+    """Joins passes along particles (dim 0) or data (dim 1); observed values are per datum only."""
+    first = parts[0]
+    return _Draws(
+        latents={name: torch.cat([p.latents[name] for p in parts], dim) for name in first.latents},
+        log_lik={name: torch.cat([p.log_lik[name] for p in parts], dim) for name in first.log_lik},
+        observed=first.observed
+        if dim == 0
+        else {name: torch.cat([p.observed[name] for p in parts]) for name in first.observed},
+        log_prior=torch.cat([p.log_prior for p in parts], dim),
+        log_q=torch.cat([p.log_q for p in parts], dim),
+    )
+
+
+def _draw(
+    model: ModelFn,
+    guide: ModelFn,
+    x: torch.Tensor,
+    *,
+    num_samples: int,
+    chunk_size: int,
+    data_chunk_size: int,
+) -> _Draws:
+    # The loop of evaluate_bounds (data chunks outside, particle chunks inside), so that the same seed and
+    # chunk sizes consume the random stream identically and give its samples.
+    with torch.no_grad(), pyro.validation_enabled(False), poutine.block():
+        nesting = _max_plate_nesting(model, guide, (x[:1],), {})
+        chunks = [
+            _cat(
+                [
+                    _one_pass(
+                        model, guide, xs, num_samples=min(chunk_size, num_samples - start), nesting=nesting
+                    )
+                    for start in range(0, num_samples, chunk_size)
+                ],
+                dim=0,
+            )
+            for xs in x.split(data_chunk_size)
+        ]
+    return _cat(chunks, dim=1)
+
+
+def to_inference_data(
+    model: ModelFn,
+    guide: ModelFn,
+    x: torch.Tensor,
+    *,
+    num_samples: int = 1000,
+    data_indices: Sequence[int] | None = None,
+    seed: int | None = None,
+    chunk_size: int = 1000,
+    data_chunk_size: int | None = None,
+) -> arviz.InferenceData:
+    r"""K importance samples z_k ~ q(z | x_i) per data point, with their log-densities, as InferenceData.
+
+    ``model(x)`` and ``guide(x)`` are Pyro functions whose sample sites sit in
+    ``pyro.plate("data", ...)``, as :class:`~pyro_vae.model.VAE` and
+    :class:`~pyro_vae.hierarchical.HierarchicalVAE` write them. Groups, with
+    ``chain`` of length 1 (the guide's samples are one chain), ``draw`` = K and
+    ``datum`` whose coords are ``data_indices`` (default 0..n-1):
+
+    - ``posterior``: one variable per latent site of the guide (``"z"`` or
+      ``"z1"`` ... ``"zL"``), dims (chain, draw, datum, <site>_dim). These are
+      draws from q(z | x), the approximate posterior, not from p(z | x);
+      weighted by softmax over ``draw`` of ``sample_stats.log_weight`` they give
+      self-normalized importance estimates of expectations under p(z | x).
+    - ``log_likelihood``: log p(x_i | z_k) per observed site (``"x"``), dims (chain, draw, datum).
+    - ``sample_stats``: ``log_weight`` = log p(x_i, z_k) - log q(z_k | x_i) (unnormalized),
+      ``log_prior`` = log p(z_k) over all latent sites, ``log_q`` = log q(z_k | x_i), dims
+      (chain, draw, datum); and per datum (dims (datum,)) ``log_px`` = logsumexp_k log w_k - log K
+      and ``khat``, the PSIS Pareto k̂ of the weights (0 where all weights are equal, NaN below 20 samples).
+    - ``observed_data``: each observed site's data, dims (datum, <site>_dim).
+
+    Sampling runs in vectorized passes of ``chunk_size`` particles over
+    ``data_chunk_size`` data points, exactly as in
+    :func:`~pyro_vae.evaluation.evaluate_bounds`: with torch seeded to the same
+    value, ``log_px`` is :func:`~pyro_vae.evaluation.log_marginal` of the same
+    ``x`` up to float64 round-off. ``seed`` seeds torch for this call only (the
+    global stream is restored afterwards); ``None`` draws from the global stream.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if data_chunk_size is not None and data_chunk_size < 1:
+        raise ValueError(f"data_chunk_size must be a positive integer or None, got {data_chunk_size!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError("x must be a non-empty tensor whose first dimension indexes data points")
+    indices = np.arange(x.shape[0]) if data_indices is None else np.asarray(data_indices)
+    if indices.shape != (x.shape[0],) or indices.dtype.kind not in "iu":
+        raise ValueError(
+            f"data_indices must be {x.shape[0]} integers, one per row of x; got {list(np.ravel(indices))[:8]}"
+        )
+    if len(np.unique(indices)) != len(indices):
+        raise ValueError(
+            "data_indices must not repeat an index: each labels one data point in the 'datum' coords"
+        )
+    chunk_size = min(chunk_size, num_samples)
+    data_chunk_size = data_chunk_size or max(1, _ROWS_PER_PASS // chunk_size)
+
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        draws = _draw(
+            model, guide, x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size
+        )
+    log_lik = sum(draws.log_lik.values(), torch.zeros_like(draws.log_q))
+    log_w = log_lik + draws.log_prior - draws.log_q  # [K, n]
+    log_px = torch.logsumexp(log_w, 0) - math.log(num_samples)
+    if num_samples >= _MIN_SAMPLES_FOR_KHAT:
+        khat = _psis_khat(log_w)
+    else:
+        khat = torch.full((x.shape[0],), math.nan, dtype=torch.float64)
+
+    def per_draw(values: torch.Tensor) -> np.ndarray:
+        return values.cpu().numpy()[np.newaxis]  # [1, K, n, ...]
+
+    sample_dims = ("chain", "draw", "datum")
+    coords = {"chain": [0], "draw": np.arange(num_samples), "datum": indices}
+    posterior = {
+        name: ((*sample_dims, f"{name}_dim"), per_draw(value)) for name, value in draws.latents.items()
+    }
+    sample_stats = {
+        "log_weight": (sample_dims, per_draw(log_w)),
+        "log_prior": (sample_dims, per_draw(draws.log_prior)),
+        "log_q": (sample_dims, per_draw(draws.log_q)),
+        "log_px": (("datum",), log_px.cpu().numpy()),
+        "khat": (("datum",), khat.cpu().numpy()),
+    }
+    attrs = {
+        "created_by": "pyro_vae",
+        "pyro_vae_version": _version(),
+        "inference_library": "pyro",
+        "inference_library_version": pyro.__version__,
+        "num_samples": num_samples,
+        "sampling": "importance sampling with the guide q(z|x) as proposal",
+    }
+    groups = {
+        "posterior": posterior,
+        "log_likelihood": {name: (sample_dims, per_draw(v)) for name, v in draws.log_lik.items()},
+        "sample_stats": sample_stats,
+        "observed_data": {
+            name: (("datum", f"{name}_dim"), v.cpu().numpy()) for name, v in draws.observed.items()
+        },
+    }
+    return _inference_data(groups, coords=coords, attrs=attrs)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _inference_data(
+    groups: dict[str, dict[str, tuple[tuple[str, ...], np.ndarray]]],
+    *,
+    coords: dict[str, Any],
+    attrs: dict[str, Any],
+) -> arviz.InferenceData:
+    """The one place that builds the ArviZ object from {group: {variable: (dims, values)}}.
+
+    Each group is an xarray Dataset with the shared coords (and 0..d-1 for
+    every other dim) and ``attrs``; arviz 0.x wraps them in ``InferenceData``.
+    ``arviz.from_dict`` is not used: it wants (chain, draw) leading every
+    variable, which the per-datum ``khat`` and ``log_px`` do not have.
+    For arviz >= 1 (InferenceData is gone; arviz-base works on xarray.DataTree)
+    only this function changes: return
+    ``xarray.DataTree.from_dict({"/": xarray.Dataset(attrs=attrs), **{f"/{g}": ds}})``;
+    the groups, dims, coords and netCDF layout stay the same, and
+    ``arviz_base.from_netcdf`` reads the file back.
+    """
+    datasets = {}
+    for group, variables in groups.items():
+        used = {dim for dims, _ in variables.values() for dim in dims}
+        sizes = {dim: v.shape[i] for dims, v in variables.values() for i, dim in enumerate(dims)}
+        group_coords = {dim: coords[dim] if dim in coords else np.arange(sizes[dim]) for dim in used}
+        datasets[group] = xarray.Dataset(
+            {name: (dims, values) for name, (dims, values) in variables.items()},
+            coords=group_coords,
+            attrs=attrs,
+        )
+    return arviz.InferenceData(attrs=attrs, **datasets)
+
+
+def export_run(
+    run_dir: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    num_samples: int = 1000,
+    split: str = "test",
+    indices: Sequence[int] | None = None,
+    limit: int = 16,
+    seed: int = 0,
+    chunk_size: int = 1000,
+    device: DeviceLike = "cpu",
+) -> Path:
+    """Write the importance samples of a trained run to the netCDF file ``path``; returns the path.
+
+    Exports the data points ``indices`` of ``split`` (default: the first
+    ``limit`` of them; ``indices``, when given, replaces ``limit``) with
+    :func:`to_inference_data`. With the default first ``limit`` points the
+    ``log_px`` of the file are those of ``pyro-vae evaluate RUN_DIR --limit
+    LIMIT --num-samples K --seed SEED``. The file is written under a temporary
+    name and renamed, so ``path`` is never left half-written.
+    """
+    from .run import load_run
+
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if indices is None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer (how many data points to export), got {limit!r}")
+    run = load_run(run_dir, device=device)
+    data = run.data(split)
+    num_data = data.shape[0]
+    if indices is None:
+        chosen = list(range(min(limit, num_data)))
+    else:
+        chosen = list(indices)
+        if not chosen:
+            raise ValueError("indices is empty; give at least one data point to export, or leave it out")
+        bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int | np.integer)]
+        if bad:
+            raise ValueError(f"indices must be integers, got {bad[:5]}")
+        outside = [int(i) for i in chosen if not 0 <= i < num_data]
+        if outside:
+            raise ValueError(
+                f"indices {outside[:5]} are out of range: the {split} split has {num_data} data points, "
+                f"numbered 0..{num_data - 1}"
+            )
+        if len(set(chosen)) != len(chosen):
+            raise ValueError("indices must not repeat a data point")
+    x = data[torch.as_tensor(chosen, dtype=torch.long)].to(device)
+    idata = to_inference_data(
+        run.vae.model,
+        run.vae.guide,
+        x,
+        num_samples=num_samples,
+        data_indices=chosen,
+        seed=seed,
+        chunk_size=chunk_size,
+    )
+    for group in idata.groups():
+        idata[group].attrs.update(run_dir=str(run.path), split=split)
+    idata.attrs.update(run_dir=str(run.path), split=split)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        idata.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,671 @@
+r"""Figures of a trained run: learning curves, reconstructions, samples, the latent space, PSIS k̂.
+
+Every function draws one figure of a :class:`~pyro_vae.run.Run` into one PNG
+and returns its path; :func:`plot_run` draws all that apply into a folder.
+Figures are :class:`matplotlib.figure.Figure` objects saved through the Agg
+canvas, never pyplot, so nothing is shown, no global figure is left open and
+no backend is switched for the caller.
+
+What is decoded, for both model kinds:
+
+- images are means of p(x | z), never draws, so they show what the decoder
+  believes rather than Bernoulli noise;
+- the latent space, traversals and interpolations use z1, the layer next to
+  x (the only layer of a one-layer VAE), at its posterior mean E_q[z1 | x],
+  decoded directly by p(x | z1);
+- the manifold is a grid over the prior's layer (z of a one-layer VAE, zL of
+  a hierarchical one); a hierarchical grid point is decoded through the
+  means of p(z_l | z_{l+1}) down to z1;
+- prior samples are ancestral draws z ~ p(z) (zL ~ p(zL), z_l ~ p(z_l | z_{l+1})).
+
+Image rows [N, D] are reshaped with ``run.model_config.image_shape`` ((H, W)
+or (C, H, W)); values inside [0, 1] are drawn on that fixed scale, others on
+the figure's own range. For data that are not images the image figures raise
+ValueError, and :func:`plot_run` skips them with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import textwrap
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+from torch import nn
+from torchvision.utils import make_grid
+
+from .binarization import prepare_split
+from .data import load_dataset
+from .evaluation import evaluate_bounds
+from .run import Run
+
+__all__ = [
+    "PLOT_FILES",
+    "plot_elbo_curves",
+    "plot_interpolation",
+    "plot_khat",
+    "plot_latent_space",
+    "plot_manifold",
+    "plot_prior_samples",
+    "plot_reconstructions",
+    "plot_run",
+    "plot_traversals",
+    "save_sample_grid",
+]
+
+PathLike = str | os.PathLike[str]
+
+# The file each figure of plot_run is written to, in the order they are drawn.
+PLOT_FILES = {
+    "elbo": "elbo.png",
+    "reconstructions": "reconstructions.png",
+    "samples": "samples.png",
+    "latent_space": "latent_space.png",
+    "manifold": "manifold.png",
+    "traversals": "traversals.png",
+    "interpolation": "interpolation.png",
+    "khat": "khat.png",
+}
+_IMAGE_FIGURES = ("reconstructions", "samples", "manifold", "traversals", "interpolation")
+
+_DPI = 130
+_ROW_LENGTH = 16  # reconstructions: data/reconstruction row pairs of at most this many images
+_MAX_TRAVERSED_DIMS = 10  # traversals of a wider latent show its most active dimensions only
+_MIN_KHAT_SAMPLES = 20  # below this PSIS fits no tail (evaluation.py leaves k̂ NaN)
+
+
+# ---------------------------------------------------------------------------
+# Model and data access
+
+
+def _device(vae: nn.Module) -> torch.device:
+    return next(vae.parameters()).device
+
+
+def _hierarchical(vae: nn.Module) -> bool:
+    return hasattr(vae, "posterior_mean_z1")
+
+
+def _z1(vae: nn.Module) -> str:
+    """How the layer next to x is written in labels: ``z`` for one layer, ``z1`` for several."""
+    return "z1" if _hierarchical(vae) else "z"
+
+
+def _image_shape(run: Run) -> tuple[int, ...]:
+    shape = run.model_config.image_shape
+    if shape is None:
+        raise ValueError(
+            f"the data of {run.path} ({run.data_config.dataset}) are not images (the run has no image_shape), "
+            "so there is nothing to draw as a picture; plot_elbo_curves, plot_latent_space and plot_khat "
+            "work for any data"
+        )
+    return tuple(shape)
+
+
+def _split(run: Run, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The split as the model sees it (binarized like in training, as ``Run.data``) and its labels."""
+    dataset = load_dataset(run.data_config.dataset, data_dir=run.data_config.data_dir)
+    return prepare_split(dataset, split, mode=run.data_config.binarize), dataset.labels(split)
+
+
+def _checked_index(index: int, n: int, name: str) -> int:
+    if not -n <= index < n:
+        raise ValueError(f"{name}={index} is out of range for a split of {n} data points")
+    return index % n
+
+
+@torch.no_grad()
+def _posterior_mean_z1(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """E_q[z1 | x] [N, d1] on the CPU; ``x`` [N, D] is moved to the model's device."""
+    x = x.to(_device(vae))
+    if _hierarchical(vae):
+        return vae.posterior_mean_z1(x).cpu()
+    return vae.posterior(x).mean.cpu()
+
+
+@torch.no_grad()
+def _decode_z1(vae: nn.Module, z1: torch.Tensor) -> torch.Tensor:
+    """The mean of p(x | z1) [N, D] on the CPU."""
+    return vae.likelihood(vae.decoder(z1.to(_device(vae)))).mean.cpu()
+
+
+@torch.no_grad()
+def _decode_top(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The mean of p(x | z1) for a point z of the prior's layer, through the layer means for a hierarchy."""
+    z = z.to(_device(vae))
+    if _hierarchical(vae):
+        for layer in range(vae.num_layers - 1, 0, -1):
+            z = vae.down[layer - 1](z).mean
+    return _decode_z1(vae, z)
+
+
+@torch.no_grad()
+def _seeded_samples(vae: nn.Module, num: int, seed: int) -> torch.Tensor:
+    # A fork of the global generators, so drawing a figure does not move the caller's random stream.
+    device = _device(vae)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return vae.sample(num, mean=True).cpu()
+
+
+# ---------------------------------------------------------------------------
+# Drawing
+
+
+def _as_images(x: torch.Tensor, image_shape: Sequence[int]) -> torch.Tensor:
+    """Rows [N, D] as images [N, C, H, W]."""
+    shape = tuple(image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(f"image_shape must be (H, W) or (C, H, W) with 1 or 3 channels, got {image_shape}")
+    if x.shape[-1] != math.prod(shape):
+        raise ValueError(f"rows of {x.shape[-1]} values cannot be shown as images of shape {image_shape}")
+    return x.detach().float().cpu().reshape(-1, *shape)
+
+
+def _normalized(images: torch.Tensor) -> torch.Tensor:
+    # Data in [0, 1] (every built-in data set) keep that fixed scale, so grey levels mean the same in
+    # every figure; a few overshooting values of a likelihood mean (Gaussian) are clipped, which is why
+    # the test looks at the 1st and 99th percentiles rather than the extremes.
+    # NaN marks a blank tile, drawn white like the padding.
+    values = images[~images.isnan()]
+    lo, hi = np.percentile(values.numpy(), [1, 99]).tolist()
+    if lo >= -0.05 and hi <= 1.05:
+        lo, hi = 0.0, 1.0
+    else:
+        lo, hi = float(values.min()), float(values.max())
+    return ((images - lo) / max(hi - lo, 1e-12)).clamp(0, 1).nan_to_num(1.0)
+
+
+def _draw_grid(
+    ax: Axes,
+    images: torch.Tensor,
+    *,
+    nrow: int,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+) -> None:
+    """Images [N, C, H, W] as one picture of rows of ``nrow``, with optional labels on the rows and columns."""
+    height, width = images.shape[-2:]
+    pad = max(1, min(height, width) // 14)
+    grid = make_grid(_normalized(images), nrow=nrow, padding=pad, pad_value=1.0)  # [3, H', W']
+    picture = grid[0].numpy() if images.shape[1] == 1 else grid.permute(1, 2, 0).numpy()
+    ax.imshow(picture, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    centre = lambda i, size: pad + i * (size + pad) + (size - 1) / 2  # noqa: E731
+    ax.set_xticks([centre(i, width) for i in range(len(col_labels or []))], list(col_labels or []))
+    ax.set_yticks([centre(i, height) for i in range(len(row_labels or []))], list(row_labels or []))
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _grid_figure(rows: int, cols: int, *, extra_width: float = 0.6, extra_height: float = 1.1) -> Figure:
+    # Tiles of about half an inch, at most 12 inches wide in all.
+    tile = min(0.55, 12.0 / cols)
+    return Figure(
+        figsize=(cols * tile + extra_width, rows * tile + extra_height), dpi=_DPI, layout="constrained"
+    )
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A tight box: image grids keep their aspect, so the figure is cropped to them rather than guessed.
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight", pad_inches=0.1)
+    fig.clear()
+    return path
+
+
+def _set_title(ax: Axes, *lines: str, fontsize: float = 10) -> None:
+    """A title of ``lines``, each wrapped to the figure's width so that none is clipped."""
+    chars = max(40, int(ax.figure.get_figwidth() * 120 / fontsize))
+    ax.set_title("\n".join(textwrap.fill(line, chars) for line in lines), fontsize=fontsize)
+
+
+def _draws(vae: nn.Module) -> str:
+    """How z ~ p(z) is drawn, for titles: on the same line, or the ancestral order of a hierarchy below."""
+    if not _hierarchical(vae):
+        return " z ~ p(z)"
+    top = vae.num_layers
+    below = "z1 ~ p(z1 | z2)" if top == 2 else f"z_l ~ p(z_l | z_l+1) for l = {top - 1}..1"
+    return f"\nz{top} ~ p(z{top}), {below}"
+
+
+def _run_name(run: Run) -> str:
+    name, dataset = Path(run.path).name, run.data_config.dataset
+    return name if name == dataset else f"{name} ({dataset})"
+
+
+# ---------------------------------------------------------------------------
+# Figures
+
+
+def plot_elbo_curves(run: Run, path: PathLike) -> Path:
+    """Train and test ELBO per datum against the epoch, and the final importance-sampled test log p̂(x).
+
+    The log p̂(x) point (with its standard error and K) is read from the
+    run's ``evaluation.json`` when training wrote one. With 20 epochs or more
+    the y axis covers the last 90% of epochs (the first ones, far below, would
+    flatten the rest), and the title says so.
+    """
+    if not run.history:
+        raise ValueError(f"{run.path} has no training history (metrics.csv is empty); train the run first")
+    epochs = [r.epoch for r in run.history]
+    fig = Figure(figsize=(7.5, 4.5), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    marker = "o" if len(epochs) <= 30 else None  # a few epochs are points, not a line
+    ax.plot(epochs, [r.train_elbo for r in run.history], label="train ELBO", color="C0", marker=marker)
+    tested = [(r.epoch, r.test_elbo) for r in run.history if r.test_elbo is not None]
+    if tested:
+        ax.plot(*zip(*tested, strict=True), label="test ELBO", color="C1", marker=marker)
+    evaluation = Path(run.path) / "evaluation.json"
+    log_px = None
+    if evaluation.is_file():
+        summary = json.loads(evaluation.read_text())
+        log_px = float(summary["log_px"])
+        ax.errorbar(
+            [epochs[-1]],
+            [log_px],
+            yerr=[summary.get("log_px_stderr") or 0.0],
+            fmt="*",
+            markersize=13,
+            color="C3",
+            label=f"final test log p̂(x) = {log_px:.2f} (importance sampling, K={summary['num_samples']})",
+        )
+    subtitle = _run_name(run)
+    if len(epochs) >= 20:
+        first = epochs[len(epochs) // 10]
+        shown = [r.train_elbo for r in run.history if r.epoch >= first]
+        shown += [e for epoch, e in tested if epoch >= first] + ([] if log_px is None else [log_px])
+        low, high = min(shown), max(shown)
+        ax.set_ylim(low - 0.1 * (high - low), high + 0.15 * (high - low))
+        subtitle += f"; y axis fitted to epochs {first}+, earlier ones run off the bottom"
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per data point")
+    _set_title(ax, "ELBO per data point during training", subtitle, fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
+def plot_reconstructions(run: Run, path: PathLike, *, num: int = 16, split: str = "test") -> Path:
+    """The first ``num`` data points of ``split`` above their reconstructions, the mean of p(x | z) at E_q[z | x]."""
+    image_shape = _image_shape(run)
+    if num < 1:
+        raise ValueError(f"num must be a positive integer, got {num}")
+    x = _split(run, split)[0][:num]
+    with torch.no_grad():
+        recon = run.vae.reconstruct(x.to(_device(run.vae))).cpu()
+    per_row = min(len(x), _ROW_LENGTH)
+    data_rows, recon_rows = x.split(per_row), recon.split(per_row)
+    tiles, labels = [], []
+    for data_row, recon_row in zip(data_rows, recon_rows, strict=True):
+        pad = per_row - len(data_row)  # a short last row is filled with blank (NaN) tiles
+        tiles += [
+            data_row,
+            data_row.new_full((pad, x.shape[1]), math.nan),
+            recon_row,
+            recon_row.new_full((pad, x.shape[1]), math.nan),
+        ]
+        labels += ["data", "reconstruction"]
+    fig = _grid_figure(len(labels), per_row, extra_width=1.6)
+    ax = fig.add_subplot()
+    _draw_grid(ax, _as_images(torch.cat(tiles), image_shape), nrow=per_row, row_labels=labels)
+    binarized = "" if run.data_config.binarize == "none" else f" ({run.data_config.binarize}ally binarized)"
+    z = _z1(run.vae)
+    _set_title(
+        ax,
+        f"{len(x)} {split} images{binarized} and their reconstructions",
+        f"the mean of p(x | {z}) at {z} = E_q[{z} | x]; {_run_name(run)}",
+    )
+    return _save(fig, path)
+
+
+def save_sample_grid(
+    vae: nn.Module,
+    path: PathLike,
+    *,
+    num: int = 64,
+    image_shape: Sequence[int] | None,
+    seed: int = 0,
+    title: str | None = None,
+) -> Path:
+    """A square grid of ``num`` means of p(x | z) for z ~ p(z) (ancestral draws for a hierarchy).
+
+    The draws come from a fork of torch's generators seeded with ``seed``: the
+    same seed gives the same grid, and the caller's random stream is untouched.
+    """
+    if image_shape is None:
+        raise ValueError("the data of this model are not images (no image_shape), so samples cannot be drawn")
+    if num < 1:
+        raise ValueError(f"num must be a positive integer, got {num}")
+    images = _as_images(_seeded_samples(vae, num, seed), image_shape)
+    nrow = math.ceil(math.sqrt(num))
+    fig = _grid_figure(math.ceil(num / nrow), nrow, extra_width=0.3, extra_height=0.9)
+    ax = fig.add_subplot()
+    _draw_grid(ax, images, nrow=nrow)
+    if title is None:
+        title = f"Means of p(x | {_z1(vae)}) for {num} draws{_draws(vae)}"
+    _set_title(ax, *title.split("\n"))
+    return _save(fig, path)
+
+
+def plot_prior_samples(run: Run, path: PathLike, *, num: int = 64, seed: int = 0) -> Path:
+    """Means of p(x | z) for ``num`` draws z ~ p(z) from the run's prior, in a grid (see :func:`save_sample_grid`)."""
+    title = (
+        f"Means of p(x | {_z1(run.vae)}) for {num} draws{_draws(run.vae)}\n"
+        f"prior {run.model_config.prior}, seed {seed}; {_run_name(run)}"
+    )
+    return save_sample_grid(run.vae, path, num=num, image_shape=_image_shape(run), seed=seed, title=title)
+
+
+def _class_colours(ax: Axes, coords: np.ndarray, labels: np.ndarray) -> None:
+    """A scatter coloured by class: a legend of the classes for up to 20, a colour bar beyond."""
+    classes = np.unique(labels)
+    if len(classes) > 20:
+        points = ax.scatter(coords[:, 0], coords[:, 1], c=labels, cmap="viridis", s=8, alpha=0.7)
+        ax.figure.colorbar(points, ax=ax, label="label")
+        return
+    palette = colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    handles = []
+    for i, c in enumerate(classes):
+        chosen = labels == c
+        ax.scatter(coords[chosen, 0], coords[chosen, 1], color=palette(i), s=8, alpha=0.7)
+        handles.append(Line2D([], [], marker="o", linestyle="", color=palette(i), label=str(int(c))))
+    ax.legend(handles=handles, title="label", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+
+def plot_latent_space(run: Run, path: PathLike, *, split: str = "test", max_points: int = 2000) -> Path:
+    """Posterior means E_q[z1 | x] of the first ``max_points`` data points of ``split``, coloured by label.
+
+    A 2-D latent is drawn as it is; a wider one by its first two principal
+    components (SVD of the centred means), with the share of variance each
+    explains in the axis labels; a 1-D one against the label (or at random
+    heights when there are no labels). Works for data that are not images.
+    """
+    if max_points < 1:
+        raise ValueError(f"max_points must be a positive integer, got {max_points}")
+    x, labels = _split(run, split)
+    x = x[:max_points]
+    labels_np = None if labels is None else labels[:max_points].numpy()
+    means = _posterior_mean_z1(run.vae, x).double()  # [N, d]
+    n, d = means.shape
+    z = _z1(run.vae)
+    fig = Figure(figsize=(7.5, 6.0), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    if d == 1:
+        generator = torch.Generator().manual_seed(0)
+        jitter = 0.3 * (torch.rand(n, generator=generator, dtype=torch.float64) - 0.5)
+        height = jitter if labels is None else labels[:max_points].double() + jitter
+        coords = torch.stack([means[:, 0], height], dim=1).numpy()
+        xlabel, ylabel = f"E[{z} | x]", "label (jittered)" if labels is not None else "random height"
+        what = f"Posterior means E[{z} | x] of {n} {split} points (1-D latent)"
+    elif d == 2:
+        coords = means.numpy()
+        xlabel, ylabel = f"E[{z}[0] | x]", f"E[{z}[1] | x]"
+        what = f"Posterior means E[{z} | x] of {n} {split} points"
+    else:
+        centred = means - means.mean(0)
+        u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+        share = s.pow(2) / s.pow(2).sum()
+        coords = (u[:, :2] * s[:2]).numpy()
+        xlabel = f"PC1 ({100 * float(share[0]):.1f}% of variance)"
+        ylabel = f"PC2 ({100 * float(share[1]):.1f}% of variance)"
+        what = f"PCA of the {d}-dim posterior means E[{z} | x] of {n} {split} points"
+    if labels_np is None:
+        ax.scatter(coords[:, 0], coords[:, 1], s=8, alpha=0.7, color="C0")
+    else:
+        _class_colours(ax, coords, labels_np)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    _set_title(ax, what, _run_name(run) + ("" if labels_np is not None else ", no labels"), fontsize=11)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_manifold(run: Run, path: PathLike, *, steps: int = 15) -> Path:
+    """Means of p(x | z) over a ``steps`` x ``steps`` grid of standard-normal quantiles of a 2-D latent.
+
+    The grid is z = (Φ⁻¹(p_i), Φ⁻¹(p_j)) for p evenly spaced in [0.05, 0.95]:
+    equal prior mass between neighbours when p(z) = N(0, I). Other priors get
+    the same N(0, 1) grid (the title says so). The latent is the prior's
+    layer: z of a one-layer VAE, zL of a hierarchical one, decoded through the
+    means of the layers below.
+    """
+    image_shape = _image_shape(run)
+    top = run.model_config.latent_dims[-1]
+    if top != 2:
+        raise ValueError(
+            f"the manifold is drawn only for a 2-D latent, and this run's prior is over {top} dimensions; "
+            "use plot_latent_space or plot_traversals for it"
+        )
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2, got {steps}")
+    q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, steps))  # [steps]
+    # Row i from the top holds the i-th largest second coordinate, so "up" in the picture is up in z.
+    second, first = torch.meshgrid(q.flip(0), q, indexing="ij")
+    z = torch.stack([first.reshape(-1), second.reshape(-1)], dim=1)  # [steps², 2]
+    images = _as_images(_decode_top(run.vae, z), image_shape)
+    fig = _grid_figure(steps, steps, extra_width=1.2, extra_height=1.5)
+    ax = fig.add_subplot()
+    ticks = [f"{v:.2f}" for v in q.tolist()]
+    _draw_grid(ax, images, nrow=steps, row_labels=ticks[::-1], col_labels=ticks)
+    ax.tick_params(axis="both", labelsize=7)
+    hierarchical = _hierarchical(run.vae)
+    name = f"z{run.vae.num_layers}" if hierarchical else "z"
+    ax.set_xlabel(f"{name}[0]")
+    ax.set_ylabel(f"{name}[1]")
+    via = ", decoded through the means of p(z_l | z_l+1) down to z1" if hierarchical else ""
+    caveat = (
+        []
+        if run.model_config.prior == "standard-normal"
+        else [f"The prior is {run.model_config.prior}, not N(0, 1): the grid uses N(0, 1) quantiles anyway."]
+    )
+    _set_title(
+        ax,
+        f"Means of p(x | {name}) over a {steps}x{steps} grid of N(0, 1) quantiles 5%..95%{via}",
+        _run_name(run),
+        *caveat,
+    )
+    return _save(fig, path)
+
+
+def plot_traversals(
+    run: Run,
+    path: PathLike,
+    *,
+    dims: Sequence[int] | None = None,
+    steps: int = 9,
+    span: float = 3.0,
+    index: int = 0,
+) -> Path:
+    """One row per latent dimension j: E_q[z1 | x] of test image ``index`` with ``span`` * [-1 .. 1] added to coordinate j.
+
+    Uses z1, the layer next to x, for a hierarchical model too (its decoder
+    reads z1 alone). ``dims`` (0-based) defaults to every dimension of a
+    latent of at most 10, and otherwise to the 10 whose posterior means vary
+    most across (up to 1000) test images, the active units.
+    """
+    image_shape = _image_shape(run)
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2, got {steps}")
+    if not span > 0:
+        raise ValueError(f"span must be positive, got {span}")
+    x = _split(run, "test")[0]
+    index = _checked_index(index, len(x), "index")
+    means = _posterior_mean_z1(run.vae, x[:1000])  # [n, d]
+    d = means.shape[1]
+    if dims is None:
+        chosen = range(d) if d <= _MAX_TRAVERSED_DIMS else means.var(0).topk(_MAX_TRAVERSED_DIMS).indices
+        dims = sorted(int(j) for j in chosen)
+        selection = "" if d <= _MAX_TRAVERSED_DIMS else f", the {len(dims)} of {d} whose E[z|x] vary most"
+    else:
+        dims = [int(j) for j in dims]
+        bad = [j for j in dims if not 0 <= j < d]
+        if bad or not dims:
+            raise ValueError(f"dims must be a non-empty list of indices in 0..{d - 1}, got {dims}")
+        selection = ""
+    base = _posterior_mean_z1(run.vae, x[index : index + 1])[0]  # [d]
+    offsets = torch.linspace(-span, span, steps)
+    z = base.repeat(len(dims), steps, 1)  # [rows, steps, d]
+    for row, j in enumerate(dims):
+        z[row, :, j] += offsets
+    images = _as_images(_decode_z1(run.vae, z.reshape(-1, d)), image_shape)
+    fig = _grid_figure(len(dims), steps, extra_width=1.0, extra_height=1.6)
+    ax = fig.add_subplot()
+    name = _z1(run.vae)
+    _draw_grid(
+        ax,
+        images,
+        nrow=steps,
+        row_labels=[f"{name}[{j}]" for j in dims],
+        col_labels=[f"{v:+.2f}" for v in offsets.tolist()],
+    )
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_xlabel(f"offset added to that coordinate of E[{name} | x]")
+    ax.set_ylabel("latent dimension varied")
+    _set_title(
+        ax,
+        f"Latent traversals around E[{name} | x] of test image #{index}{selection}",
+        f"decoded as the mean of p(x | {name}); {_run_name(run)}",
+    )
+    return _save(fig, path)
+
+
+def plot_interpolation(
+    run: Run, path: PathLike, *, index_a: int = 0, index_b: int = 1, steps: int = 10
+) -> Path:
+    """The means of p(x | z1) along the straight line from E_q[z1 | x_a] to E_q[z1 | x_b], between x_a and x_b."""
+    image_shape = _image_shape(run)
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2, got {steps}")
+    x = _split(run, "test")[0]
+    a, b = _checked_index(index_a, len(x), "index_a"), _checked_index(index_b, len(x), "index_b")
+    ends = _posterior_mean_z1(run.vae, x[[a, b]])  # [2, d]
+    t = torch.linspace(0.0, 1.0, steps)[:, None]  # [steps, 1]
+    decoded = _decode_z1(run.vae, (1 - t) * ends[0] + t * ends[1])
+    images = _as_images(torch.cat([x[a : a + 1], decoded, x[b : b + 1]]), image_shape)
+    fig = _grid_figure(1, steps + 2, extra_width=0.6, extra_height=1.7)
+    ax = fig.add_subplot()
+    labels = [f"data\n#{a}", *[f"{v:.2f}" for v in t[:, 0].tolist()], f"data\n#{b}"]
+    _draw_grid(ax, images, nrow=steps + 2, col_labels=labels)
+    ax.tick_params(axis="x", labelsize=8)
+    name = _z1(run.vae)
+    ax.set_xlabel(f"t in {name} = (1 - t) E[{name} | x_a] + t E[{name} | x_b]")
+    _set_title(
+        ax,
+        f"Interpolation between test images #{a} and #{b} in latent space",
+        f"decoded as the mean of p(x | {name}); {_run_name(run)}",
+    )
+    return _save(fig, path)
+
+
+def plot_khat(run: Run, path: PathLike, *, num_samples: int = 500, limit: int = 500, seed: int = 0) -> Path:
+    """PSIS k̂ of the importance weights p(x, z) / q(z | x) of each of the first ``limit`` test points.
+
+    k̂ < 0.5: log p̂(x) converges quickly; 0.5-0.7: slowly; > 0.7: the
+    weights' tail is too heavy for K samples to give a trustworthy estimate
+    (Vehtari et al., 2024). Drawn with ``arviz.plot_khat``; infinite k̂ are
+    counted above 0.7 but not drawn. Works for data that are not images.
+    """
+    if num_samples < _MIN_KHAT_SAMPLES:
+        raise ValueError(
+            f"num_samples must be at least {_MIN_KHAT_SAMPLES} for PSIS to fit a tail, got {num_samples}"
+        )
+    if limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit}")
+    import arviz
+
+    x = _split(run, "test")[0][:limit].to(_device(run.vae))
+    device = _device(run.vae)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        bounds = evaluate_bounds(run.vae.model, run.vae.guide, x, num_samples=num_samples, progress=False)
+    khat = bounds.khat.numpy()
+    known = khat[~np.isnan(khat)]
+    above = float((known > 0.7).mean()) if len(known) else float("nan")
+    finite = np.isfinite(khat)
+    fig = Figure(figsize=(8.0, 4.5), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    with warnings.catch_warnings():
+        # arviz 0.2x accepts a plain array of k̂ with a FutureWarning (it would like ELPDData).
+        warnings.simplefilter("ignore", FutureWarning)
+        # arviz 0.23 with matplotlib 3.11 warns about its own keyword handling; nothing the caller can change.
+        warnings.filterwarnings("ignore", message="Passing a dict or None as alias_mapping")
+        drawn = khat[finite]
+        colours = np.where(drawn > 0.7, "C3", np.where(drawn > 0.5, "C1", "C0"))
+        arviz.plot_khat(drawn, color=colours, ax=ax, markersize=10, textsize=10)
+    ax.axhline(0.5, color="C1", linestyle="--", linewidth=1, label="k̂ = 0.5: slower convergence above")
+    ax.axhline(0.7, color="C3", linestyle="--", linewidth=1, label="k̂ = 0.7: unreliable above")
+    ax.set_xlabel(f"test data point (index; the first {len(khat)})")
+    ax.set_ylabel("Pareto k̂ of the importance weights")
+    infinite = int((~finite & ~np.isnan(khat)).sum())
+    not_drawn = f", {infinite} infinite not drawn" if infinite else ""
+    _set_title(
+        ax,
+        f"PSIS k̂ of the importance weights p(x, z) / q(z | x), K = {num_samples} per point",
+        f"{100 * above:.1f}% of {len(khat)} points above 0.7 (max {np.nanmax(khat):.2f}{not_drawn}); "
+        f"{_run_name(run)}",
+        fontsize=11,
+    )
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    return _save(fig, path)
+
+
+def plot_run(
+    run: Run,
+    out_dir: PathLike,
+    *,
+    split: str = "test",
+    seed: int = 0,
+    khat_samples: int = 500,
+    khat_limit: int = 500,
+    log: Callable[[str], object] | None = print,
+) -> list[Path]:
+    """Every figure that applies to ``run``, written into ``out_dir`` under the names of :data:`PLOT_FILES`.
+
+    Skipped, with one line to ``log`` each (``None`` for silence): the image
+    figures for data that are not images; the manifold unless the prior's
+    layer is 2-D; k̂ when ``khat_samples`` is 0. ``split`` is the split of the
+    reconstructions and the latent space; traversals, interpolation and k̂
+    use the test split. Returns the paths written, in :data:`PLOT_FILES` order.
+    """
+    if khat_samples != 0 and khat_samples < _MIN_KHAT_SAMPLES:
+        raise ValueError(f"khat_samples must be 0 (skip) or at least {_MIN_KHAT_SAMPLES}, got {khat_samples}")
+    out = Path(out_dir)
+    note = log or (lambda _: None)
+    skipped: set[str] = set()
+    if run.model_config.image_shape is None:
+        skipped.update(_IMAGE_FIGURES)
+        note(f"skipped {', '.join(PLOT_FILES[f] for f in _IMAGE_FIGURES)}: the data are not images")
+    elif run.model_config.latent_dims[-1] != 2:
+        skipped.add("manifold")
+        note(
+            f"skipped manifold.png: it needs a 2-D latent, and the prior is over {run.model_config.latent_dims[-1]} dimensions"
+        )
+    if khat_samples == 0:
+        skipped.add("khat")
+        note("skipped khat.png: khat_samples is 0")
+    draw: dict[str, Callable[[Path], Path]] = {
+        "elbo": lambda p: plot_elbo_curves(run, p),
+        "reconstructions": lambda p: plot_reconstructions(run, p, split=split),
+        "samples": lambda p: plot_prior_samples(run, p, seed=seed),
+        "latent_space": lambda p: plot_latent_space(run, p, split=split),
+        "manifold": lambda p: plot_manifold(run, p),
+        "traversals": lambda p: plot_traversals(run, p),
+        "interpolation": lambda p: plot_interpolation(run, p),
+        "khat": lambda p: plot_khat(run, p, num_samples=khat_samples, limit=khat_limit, seed=seed),
+    }
+    return [draw[name](out / file) for name, file in PLOT_FILES.items() if name not in skipped]
