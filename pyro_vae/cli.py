@@ -2,6 +2,9 @@
 
     pyro-vae train [--dataset digits] [--likelihood bernoulli] ... [--out RUN_DIR]
     pyro-vae evaluate RUN_DIR --num-samples 5000 [--split test] [--json FILE]
+    pyro-vae plot RUN_DIR [--out DIR]
+    pyro-vae sample RUN_DIR --num 64 --out FILE.png
+    pyro-vae export RUN_DIR --out FILE.nc
     pyro-vae list
 
 Errors in what the user gave (unknown names, bad sizes, missing files) print
@@ -253,6 +256,23 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=_non_negative_int, default=0)
     export.add_argument("--device", default="auto")
 
+    plot = commands.add_parser("plot", help="figures of a run: ELBO curves, reconstructions, latents, k-hat")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("--out", default=None, metavar="DIR", help="default: RUN_DIR/plots")
+    plot.add_argument(
+        "--khat-samples", type=_non_negative_int, default=500, help="K for the k-hat plot; 0 skips it"
+    )
+    plot.add_argument("--khat-limit", type=_positive(int), default=500, help="test points in the k-hat plot")
+    plot.add_argument("--seed", type=_non_negative_int, default=0)
+    plot.add_argument("--device", default="auto")
+
+    sample = commands.add_parser("sample", help="a grid of new data decoded from z ~ p(z)")
+    sample.add_argument("run_dir", metavar="RUN_DIR")
+    sample.add_argument("--num", type=_positive(int), default=64)
+    sample.add_argument("--out", required=True, metavar="FILE.png")
+    sample.add_argument("--seed", type=_non_negative_int, default=0)
+    sample.add_argument("--device", default="auto")
+
     commands.add_parser("list", help="every registered prior, likelihood, guide, network, loss and data set")
     return parser
 
@@ -444,6 +464,29 @@ def _export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_command(args: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    run = load_run(args.run_dir, device=resolve_device(args.device))
+    out = Path(args.out) if args.out else Path(args.run_dir) / "plots"
+    for path in plot_run(
+        run, out, khat_samples=args.khat_samples, khat_limit=args.khat_limit, seed=args.seed
+    ):
+        print(f"wrote {path}")
+    return 0
+
+
+def _sample_command(args: argparse.Namespace) -> int:
+    from .plots import save_sample_grid
+
+    run = load_run(args.run_dir, device=resolve_device(args.device))
+    path = save_sample_grid(
+        run.vae, args.out, num=args.num, image_shape=run.model_config.image_shape, seed=args.seed
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def _list_command(args: argparse.Namespace) -> int:
     for heading, registry in _REGISTRIES.items():
         print(heading)
@@ -458,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _train,
         "evaluate": _evaluate_command,
         "export": _export_command,
+        "plot": _plot_command,
+        "sample": _sample_command,
         "list": _list_command,
     }[args.command]
     try:

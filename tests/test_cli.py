@@ -203,3 +203,30 @@ def test_two_layer_model_trains_and_reports_each_layer(inference, tmp_path, caps
     assert [layer["dim"] for layer in layers] == [6, 3]
     for layer in layers:
         assert layer["kl"] >= -0.05 and 0 <= layer["active_units"] <= layer["dim"]
+
+
+def test_plot_sample_and_export_commands(digits_run, tmp_path, capsys):
+    assert main(["plot", str(digits_run), "--out", str(tmp_path / "plots"), "--khat-samples", "50"]) == 0
+    written = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert {"elbo.png", "reconstructions.png", "samples.png", "latent_space.png", "khat.png"} <= written
+    assert main(["sample", str(digits_run), "--num", "16", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert (
+        main(
+            [
+                "export",
+                str(digits_run),
+                "--out",
+                str(tmp_path / "x.nc"),
+                "--num-samples",
+                "30",
+                "--indices",
+                "0,3",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "x.nc").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["export", str(digits_run), "--out", str(tmp_path / "y.nc"), "--indices", "100000"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
