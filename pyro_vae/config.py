@@ -55,7 +55,7 @@ class ModelConfig:
     guide_options: Mapping[str, float] = field(default_factory=dict)
     network: str = "mlp"
     # Activation of the networks: softplus, tanh (Burda et al.), relu or elu; None keeps the network's own
-    # default (softplus for mlp, as in Kingma & Welling; ELU for conv).
+    # default (softplus for mlp, as in Pyro's VAE example; ELU for conv).
     activation: str | None = None
     # Inference for several latent layers: "bottom-up" q(z1|x) q(z2|z1)... or "ladder" (Sønderby et al., 2016).
     inference: str = "bottom-up"

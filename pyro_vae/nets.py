@@ -35,8 +35,8 @@ __all__ = [
 
 NETWORKS: Registry = Registry("network")
 
-# Activation functions by name (``ModelConfig.activation``); softplus is the default of Kingma & Welling
-# (2014), tanh that of Burda et al. (2016).
+# Activation functions by name (``ModelConfig.activation``); softplus is the default (as in Pyro's VAE
+# example), tanh the choice of Kingma & Welling (2014, appendix C) and Burda et al. (2016).
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "softplus": nn.Softplus,
     "tanh": nn.Tanh,
@@ -105,7 +105,8 @@ def mlp_networks(
 ) -> tuple[MLP, MLP]:
     """Fully connected encoder and decoder; the decoder mirrors the encoder's hidden widths.
 
-    Softplus activations as in Kingma & Welling (2014), appendix C, and Pyro's VAE example.
+    Softplus activations by default, as in Pyro's VAE example; Kingma & Welling (2014, appendix C)
+    used tanh (``activation="tanh"``).
     """
     act = activation_class(activation)
     encoder = MLP(data_dim, hidden_dims, activation=act)
