@@ -49,6 +49,7 @@ from ._typing import ModelFn
 
 __all__ = [
     "Bounds",
+    "check_sampling_args",
     "default_iwae_ks",
     "evaluate_bounds",
     "latent_layers",
@@ -236,6 +237,20 @@ def _psis_khat(log_w: torch.Tensor) -> torch.Tensor:
     return khat
 
 
+def check_sampling_args(
+    x: torch.Tensor, *, num_samples: int, chunk_size: int, data_chunk_size: int | None
+) -> None:
+    """Reject, with a sentence each, the arguments every importance-sampling pass over ``x`` shares."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if data_chunk_size is not None and data_chunk_size < 1:
+        raise ValueError(f"data_chunk_size must be a positive integer or None, got {data_chunk_size!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError("x must be a non-empty tensor whose first dimension indexes data points")
+
+
 def evaluate_bounds(
     model: ModelFn,
     guide: ModelFn,
@@ -259,14 +274,7 @@ def evaluate_bounds(
     comes from torch's global generator; the same seed and chunk sizes give the
     same numbers.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-    if data_chunk_size is not None and data_chunk_size < 1:
-        raise ValueError(f"data_chunk_size must be a positive integer or None, got {data_chunk_size}")
-    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError("x must be a non-empty tensor whose first dimension indexes data points")
+    check_sampling_args(x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size)
     ks = sorted(set(default_iwae_ks(num_samples) if iwae_ks is None else iwae_ks))
     if any(k < 1 or k > num_samples for k in ks):
         raise ValueError(f"every IWAE k must lie in 1..num_samples={num_samples}, got {ks}")

@@ -53,6 +53,7 @@ from .evaluation import (
     _max_plate_nesting,
     _psis_khat,
     _site_log_density,
+    check_sampling_args,
     traced_log_weights,
 )
 
@@ -190,14 +191,7 @@ def to_inference_data(
     ``x`` up to float64 round-off. ``seed`` seeds torch for this call only (the
     global stream is restored afterwards); ``None`` draws from the global stream.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if data_chunk_size is not None and data_chunk_size < 1:
-        raise ValueError(f"data_chunk_size must be a positive integer or None, got {data_chunk_size!r}")
-    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError("x must be a non-empty tensor whose first dimension indexes data points")
+    check_sampling_args(x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size)
     indices = np.arange(x.shape[0]) if data_indices is None else np.asarray(data_indices)
     if indices.shape != (x.shape[0],) or indices.dtype.kind not in "iu":
         raise ValueError(
