@@ -21,7 +21,6 @@ import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer import SVI
-from pyro.infer.util import zero_grads
 from tqdm.auto import tqdm
 
 from ._typing import DeviceLike
@@ -68,7 +67,10 @@ class AsyncSVI(SVI):
             # One norm over all parameters (no host sync: the scale is applied on the device).
             torch.nn.utils.clip_grad_norm_(list(params), self.clip_norm)
         self.optim(params)
-        zero_grads(params)
+        # Drop the gradients rather than zero them (Pyro's zero_grads allocates a zero tensor per parameter,
+        # which the next backward then adds into): the next backward writes them afresh.
+        for param in params:
+            param.grad = None
         return torch.as_tensor(loss).detach()
 
 
