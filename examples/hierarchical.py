@@ -8,7 +8,8 @@ ELBO (``--loss elbo``) and once with the importance-weighted bound
 (``--loss iwae --num-particles 5``), and scored by the test NLL at K = 5000
 importance samples, with the KL and active units of each layer.
 
-Burda et al. train for 3^8 = 6561 passes over the data; the short default
+Burda et al. train for 3,280 passes over the data (3^i passes for i = 0..7,
+the learning rate falling at each stage); the short default
 here (a few epochs on a CPU) runs the same experiment at a small budget, so
 expect NLLs well above their table's: raise ``--epochs`` on a GPU.
 

@@ -14,7 +14,7 @@ active units (Var_x E_q[z_u | x] > 0.01, section 5.2): the IWAE bound, which
 penalizes a guide less for missing posterior mass, keeps more units active
 and reaches a lower NLL as K grows.
 
-Burda et al. train for 3^8 = 6561 passes with batches of 20; the short runs
+Burda et al. train for 3,280 passes (3^i for i = 0..7) with batches of 20; the short runs
 here show the direction of the effect, not their numbers. The command line
 mirrors the CLI's ``--loss iwae --num-particles K``.
 
