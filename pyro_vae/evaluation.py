@@ -42,6 +42,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
@@ -75,12 +76,23 @@ def default_iwae_ks(num_samples: int) -> list[int]:
     return ks
 
 
-def _max_plate_nesting(model: ModelFn, guide: ModelFn, args: tuple, kwargs: dict) -> int:
-    # A dry run to find how many plates nest; it must not move the random stream the evaluation uses.
+def _paired_traces(model: ModelFn, guide: ModelFn, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
+    """The guide's trace and the model's trace replayed on its samples, plate subsample sites pruned."""
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+
+
+def _dry_traces(model: ModelFn, guide: ModelFn, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
+    """:func:`_paired_traces` for inspecting structure: hidden from outer handlers, random stream untouched."""
     devices = [x.device for x in args if isinstance(x, torch.Tensor) and x.device.type == "cuda"]
     with torch.random.fork_rng(devices=devices[:1]), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        return _paired_traces(model, guide, args, kwargs)
+
+
+def _max_plate_nesting(model: ModelFn, guide: ModelFn, args: tuple, kwargs: dict) -> int:
+    # A dry run to find how many plates nest; it must not move the random stream the evaluation uses.
+    guide_trace, model_trace = _dry_traces(model, guide, args, kwargs)
     dims = [
         -frame.dim
         for trace in (guide_trace, model_trace)
@@ -139,10 +151,7 @@ def traced_log_weights(
         max_plate_nesting = _max_plate_nesting(model, guide, args, kwargs)
     particle_dim = -max_plate_nesting - 1
     with pyro.plate(_PARTICLE_PLATE, num_samples, dim=particle_dim):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    guide_trace = prune_subsample_sites(guide_trace)
-    model_trace = prune_subsample_sites(model_trace)
+        guide_trace, model_trace = _paired_traces(model, guide, args, kwargs)
     log_w: torch.Tensor | float = 0.0
     scale, size = 1.0, None
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
@@ -426,9 +435,7 @@ def latent_layers(
         particle_dim = -nesting - 1
         for xs in x.split(data_chunk_size):
             with pyro.plate(_PARTICLE_PLATE, num_samples, dim=particle_dim):
-                guide_trace = poutine.trace(guide).get_trace(xs)
-                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(xs)
-            guide_trace = prune_subsample_sites(guide_trace)
+                guide_trace, model_trace = _paired_traces(model, guide, (xs,), {})
             for name, site in guide_trace.nodes.items():
                 if site["type"] != "sample" or site["is_observed"]:
                     continue

@@ -30,13 +30,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
-from .evaluation import traced_log_weights
+from .evaluation import _dry_traces, traced_log_weights
 from .registry import Registry
 
 __all__ = [
@@ -115,11 +113,8 @@ class MeanField_ELBO(_TensorLoss, TraceMeanField_ELBO):
 
     @staticmethod
     def _check_guide(model, guide, args, kwargs) -> None:  # type: ignore[no-untyped-def]
-        with torch.no_grad(), poutine.block(), torch.random.fork_rng():
-            guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
-            model_trace = prune_subsample_sites(
-                poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-            )
+        with torch.no_grad():
+            guide_trace, model_trace = _dry_traces(model, guide, args, kwargs)
         # KL(q(z_l | ...) || p(z_l | z_parents)) is taken at the guide's parent samples; that is the ELBO only
         # when the guide draws the latents in the model's order. A bottom-up guide draws z1 before z2, so
         # the closed-form KL of z1 would condition on a z2 that itself depends on z1: a biased loss.

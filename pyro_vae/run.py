@@ -34,10 +34,6 @@ FORMAT = "pyro_vae.run/1"
 _FILES = ("config.json", "model.pt", "metrics.csv")
 
 
-def _write_text(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
-
-
 @dataclass
 class Run:
     """A trained model with its configs and history, as stored in a run folder."""
@@ -74,7 +70,7 @@ def save_config(
         "train": train_config.to_dict(),
         "data": data_config.to_dict(),
     }
-    _write_text(path / "config.json", json.dumps(config, indent=2) + "\n")
+    write_text_atomic(path / "config.json", json.dumps(config, indent=2) + "\n")
     return path
 
 
@@ -95,12 +91,12 @@ def save_run(
     for r in history:
         test = "" if r.test_elbo is None else repr(r.test_elbo)
         rows.append(f"{r.epoch},{r.train_elbo!r},{test},{r.seconds:.6f}")
-    _write_text(path / "metrics.csv", "\n".join(rows) + "\n")
+    write_text_atomic(path / "metrics.csv", "\n".join(rows) + "\n")
     return path
 
 
 def save_evaluation(path: str | os.PathLike[str], summary: dict[str, Any]) -> None:
-    _write_text(Path(path), json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(Path(path), json.dumps(summary, indent=2) + "\n")
 
 
 def load_run(path: str | os.PathLike[str], *, device: DeviceLike = "cpu") -> Run:

@@ -407,8 +407,3 @@ def _check_data(vae: VAE, x: torch.Tensor, what: str, *, dynamic_binarization: b
         vae.likelihood.check_data(torch.bernoulli(x[:1]))  # shape and support of what the likelihood will see
     else:
         vae.likelihood.check_data(x)
-
-
-def history_rows(result: FitResult) -> list[dict[str, float | int | None]]:
-    """The history as plain dicts (for CSV and JSON)."""
-    return [asdict(record) for record in result.history]
