@@ -207,6 +207,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     fitting.add_argument("--seed", type=_non_negative_int, default=_DEFAULTS_TRAIN.seed)
     fitting.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} or cuda:N")
+    fitting.add_argument(
+        "--fused-adam",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS_TRAIN.fused_adam,
+        help="one fused Adam over all parameters (default), or Pyro's per-parameter Adam",
+    )
+    fitting.add_argument(
+        "--jit",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS_TRAIN.jit,
+        help="compile the loss by tracing it once per minibatch shape (not with --warmup-epochs)",
+    )
     train.add_argument(
         "--eval-samples", type=int, default=1000, help="K for the final test log p(x); 0 skips it"
     )
@@ -351,6 +363,8 @@ def _train(args: argparse.Namespace) -> int:
         clip_norm=args.clip_norm,
         seed=args.seed,
         device=args.device,
+        fused_adam=args.fused_adam,
+        jit=args.jit,
     )
     data_config = DataConfig(dataset=args.dataset, data_dir=args.data_dir, binarize=mode)
     out = Path(args.out or f"runs/{Path(args.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -387,6 +401,8 @@ def _train(args: argparse.Namespace) -> int:
         clip_norm=train_config.clip_norm,
         seed=train_config.seed,
         device=device,
+        fused_adam=train_config.fused_adam,
+        jit=train_config.jit,
         dynamic_binarization=mode == "dynamic",
         checkpoint=checkpoint,
         checkpoint_every=args.checkpoint_every,

@@ -121,6 +121,10 @@ class TrainConfig:
     clip_norm: float | None = None
     seed: int = 0
     device: str = "auto"
+    # One fused torch Adam over all parameters (pyro_vae.optim.JointAdam); False: pyro.optim.Adam per parameter.
+    fused_adam: bool = True
+    # Compile the loss by tracing (objectives.JitELBO); needs a model whose structure and constants are fixed.
+    jit: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_particles"):
@@ -145,6 +149,14 @@ class TrainConfig:
             raise ValueError(
                 "beta and warm-up weight the KL term of the ELBO, which the iwae bound does not have; "
                 "use --loss elbo or mean-field with --beta, or drop --beta/--warmup-epochs"
+            )
+        for name in ("fused_adam", "jit"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.jit and self.warmup_epochs:
+            raise ValueError(
+                "the jit-compiled loss is traced once, so it cannot follow a KL weight that changes every "
+                "step; use --no-jit with --warmup-epochs, or drop the warm-up"
             )
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")

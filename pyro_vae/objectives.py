@@ -12,6 +12,12 @@ return the loss as a tensor on the model's device (no host synchronisation).
 - ``iwae``: the importance-weighted bound of Burda et al. (2016),
   sum_i log (1/K) sum_k w_ik, per data point.
 
+``make_loss(name, jit=True)`` wraps any of them in :class:`JitELBO`, which
+compiles the loss with Pyro's ``pyro.ops.jit.trace`` (TorchScript): the
+model and guide run in Python once per input shape, and every later step
+replays the recorded graph of tensor operations without Pyro's messenger
+bookkeeping.
+
 :func:`scale_latents` multiplies every latent site's log-density by beta, in
 the model and the guide alike, so any of these objectives becomes
 E_q[log p(x|z)] - beta KL(q(z|x) || p(z)) (Higgins et al., 2017).
@@ -29,6 +35,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import pyro.ops.jit
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
@@ -40,6 +47,7 @@ from .registry import Registry
 __all__ = [
     "IWAE_ELBO",
     "LOSSES",
+    "JitELBO",
     "DeviceTrace_ELBO",
     "LatentWeight",
     "MeanField_ELBO",
@@ -201,11 +209,69 @@ def iwae(*, num_particles: int = 1) -> ELBO:
     return IWAE_ELBO(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
 
 
-def make_loss(name: str, *, num_particles: int = 1) -> ELBO:
-    """The registered objective ``name`` with ``num_particles`` samples per data point."""
+def make_loss(name: str, *, num_particles: int = 1, jit: bool = False) -> ELBO:
+    """The registered objective ``name`` with ``num_particles`` samples per data point, compiled with ``jit``."""
     if num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles}")
-    return LOSSES.get(name)(num_particles=num_particles)
+    loss = LOSSES.get(name)(num_particles=num_particles)
+    return JitELBO(loss) if jit else loss
+
+
+class JitELBO(_TensorLoss, ELBO):
+    """``loss`` compiled by tracing: one TorchScript graph per model, guide and input shapes.
+
+    The first call with new shapes runs ``loss.differentiable_loss`` under
+    ``torch.jit.trace`` (through ``pyro.ops.jit.trace``, which passes the
+    param store's tensors in as inputs); later calls run the recorded graph
+    (Pyro's :class:`~pyro.infer.JitTrace_ELBO` does the same for Trace_ELBO).
+    What a trace records is fixed, so this is right only for models whose
+    structure and constants do not change between calls: anything the model
+    reads from Python state (a KL weight that warms up, say) is frozen at its
+    value on the first call. The minibatch size is part of the key, so the
+    smaller last minibatch of an epoch gets its own graph with its own N / M.
+
+    Compiling runs the model and guide three times; it does so on a copy of
+    the random-number state, so a compiled loss draws exactly the random
+    numbers the plain one draws, and gives the same value for the same seed.
+    """
+
+    def __init__(self, loss: ELBO) -> None:
+        super().__init__(
+            num_particles=loss.num_particles,
+            max_plate_nesting=loss.max_plate_nesting,
+            vectorize_particles=loss.vectorize_particles,
+        )
+        self.inner = loss
+        self._compiled: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
+        self._seen: set[tuple] = set()
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        compiled = self._compiled.get((id(model), id(guide)))
+        if compiled is None:
+            inner = self.inner
+
+            @pyro.ops.jit.trace(ignore_warnings=True)
+            def compiled(*args, **kwargs):  # type: ignore[no-untyped-def]
+                kwargs.pop("_signature")  # only there to key the graph on the input shapes
+                return inner.differentiable_loss(model, guide, *args, **kwargs)
+
+            self._compiled[(id(model), id(guide))] = compiled
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        signature = tuple((tuple(a.shape), a.dtype, str(a.device)) for a in tensors)
+        key = (id(model), id(guide), signature, tuple(sorted(kwargs.items())))
+        if key not in self._seen:
+            cuda = sorted({a.device.index or 0 for a in tensors if a.is_cuda})
+            with torch.random.fork_rng(devices=cuda):
+                compiled(*args, _signature=signature, **kwargs)
+            self._seen.add(key)
+        return compiled(*args, _signature=signature, **kwargs)
+
+    def loss(self, model, guide, *args, **kwargs) -> float:  # type: ignore[no-untyped-def]
+        with torch.no_grad():
+            return float(self.inner.differentiable_loss(model, guide, *args, **kwargs))
+
+    def _get_trace(self, model, guide, args, kwargs):  # type: ignore[no-untyped-def]
+        return self.inner._get_trace(model, guide, args, kwargs)
 
 
 class LatentWeight(Messenger):

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoi
 from .config import ModelConfig, TrainConfig
 from .model import VAE
 from .objectives import LatentWeight, make_loss, scale_latents
+from .optim import JointAdam
 
 __all__ = ["AsyncSVI", "EpochRecord", "FitResult", "fit", "mean_elbo", "resolve_device", "warmup_weight"]
 
@@ -58,11 +60,17 @@ class AsyncSVI(SVI):
     """
 
     clip_norm: float | None = None
+    # Called with the parameters (in the order the model and guide first use them) after the backward pass
+    # and before clipping and the optimizer: where data-parallel training sums the gradients of all ranks.
+    reduce_grads: Callable[[list[torch.Tensor]], None] | None = None
 
     def step_async(self, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
         with poutine.trace(param_only=True) as capture:
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
-        params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
+        # dict.fromkeys: each parameter once, in trace order (the same in every process).
+        params = list(dict.fromkeys(site["value"].unconstrained() for site in capture.trace.nodes.values()))
+        if self.reduce_grads is not None:
+            self.reduce_grads(params)
         if self.clip_norm is not None:
             # One norm over all parameters (no host sync: the scale is applied on the device).
             torch.nn.utils.clip_grad_norm_(list(params), self.clip_norm)
@@ -129,6 +137,8 @@ def fit(
     clip_norm: float | None = None,
     seed: int = 0,
     device: DeviceLike = "auto",
+    fused_adam: bool = True,
+    jit: bool = False,
     dynamic_binarization: bool = False,
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
@@ -179,6 +189,8 @@ def fit(
         clip_norm=clip_norm,
         seed=seed,
         device=str(device),
+        fused_adam=fused_adam,
+        jit=jit,
     )
     if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every!r}")
@@ -214,9 +226,8 @@ def fit(
     # A param store of its own, so a parameter left in the global store by an
     # earlier model of the same name cannot stand in for this model's.
     with pyro.get_param_store().scope(), _StopOnInterrupt() as interrupt:
-        svi = AsyncSVI(
-            model, guide, pyro.optim.Adam({"lr": lr}), loss=make_loss(loss, num_particles=num_particles)
-        )
+        optimizer = JointAdam(lr=lr) if fused_adam else pyro.optim.Adam({"lr": lr})
+        svi = AsyncSVI(model, guide, optimizer, loss=make_loss(loss, num_particles=num_particles, jit=jit))
         svi.clip_norm = clip_norm
         # Where training stands: the epoch in progress, its data order and how many minibatches of it are
         # done, and the epoch's running sums (kept on the device).
@@ -340,7 +351,7 @@ def _check_resumable(
     """Refuse a checkpoint made with other settings, another model or other data."""
     ours, theirs = config.to_dict(), dict(saved["train_config"])
     # Training longer is allowed; everything else must be what the checkpoint was made with.
-    for free in ("epochs", "device"):  # the device changes where, not what, is computed
+    for free in ("epochs", "device", "jit"):  # the device and the jit change where and how, not what, is computed
         ours.pop(free), theirs.pop(free, None)
     differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     if model_config is not None and saved["model_config"] is not None:
