@@ -47,8 +47,8 @@ from .registry import Registry
 __all__ = [
     "IWAE_ELBO",
     "LOSSES",
-    "JitELBO",
     "DeviceTrace_ELBO",
+    "JitELBO",
     "LatentWeight",
     "MeanField_ELBO",
     "make_loss",

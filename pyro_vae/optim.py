@@ -77,9 +77,7 @@ class JointAdam(PyroOptim):
         named = self._names(params)
         self.names = [name for name, _ in named]
         tensors = [p for _, p in named]
-        fused = self.fused and all(
-            p.is_floating_point() and fused_adam_available(p.device) for p in tensors
-        )
+        fused = self.fused and all(p.is_floating_point() and fused_adam_available(p.device) for p in tensors)
         # foreach=False with fused=False is torch's per-tensor loop: the arithmetic of pyro.optim.Adam.
         self.optimizer = torch.optim.Adam(
             tensors, lr=self.lr, fused=fused or None, foreach=None if fused else False

@@ -351,7 +351,11 @@ def _check_resumable(
     """Refuse a checkpoint made with other settings, another model or other data."""
     ours, theirs = config.to_dict(), dict(saved["train_config"])
     # Training longer is allowed; everything else must be what the checkpoint was made with.
-    for free in ("epochs", "device", "jit"):  # the device and the jit change where and how, not what, is computed
+    for free in (
+        "epochs",
+        "device",
+        "jit",
+    ):  # the device and the jit change where and how, not what, is computed
         ours.pop(free), theirs.pop(free, None)
     differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
     if model_config is not None and saved["model_config"] is not None:
