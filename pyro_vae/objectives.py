@@ -115,9 +115,17 @@ class MeanField_ELBO(_TensorLoss, TraceMeanField_ELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
         if not self._checked:
-            self._check_guide(model, guide, args, kwargs)
+            # On a copy of the random state, so the check does not shift the draws of the loss itself.
+            with _random_state_kept(args):
+                self._check_guide(model, guide, args, kwargs)
             self._checked = True
-        return super().differentiable_loss(model, guide, *args, **kwargs)
+        # TraceMeanField_ELBO returns loss + (surrogate - surrogate.item()): a host sync every step, and a
+        # constant that a traced (jit) loss would keep from its first call. The detached tensor does neither.
+        loss: torch.Tensor | float = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            particle, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
+            loss = loss + (particle + (surrogate - surrogate.detach())) / self.num_particles
+        return torch.as_tensor(loss)
 
     @staticmethod
     def _check_guide(model, guide, args, kwargs) -> None:  # type: ignore[no-untyped-def]
@@ -150,6 +158,12 @@ class MeanField_ELBO(_TensorLoss, TraceMeanField_ELBO):
                     "exactly as with --loss elbo",
                     stacklevel=4,
                 )
+
+
+def _random_state_kept(args: tuple) -> Any:
+    """A context that restores the CPU generator, and those of the CUDA devices ``args`` live on, on exit."""
+    cuda = sorted({a.device.index or 0 for a in args if isinstance(a, torch.Tensor) and a.is_cuda})
+    return torch.random.fork_rng(devices=cuda)
 
 
 def _base(fn: Any) -> Any:
@@ -260,8 +274,10 @@ class JitELBO(_TensorLoss, ELBO):
         signature = tuple((tuple(a.shape), a.dtype, str(a.device)) for a in tensors)
         key = (id(model), id(guide), signature, tuple(sorted(kwargs.items())))
         if key not in self._seen:
-            cuda = sorted({a.device.index or 0 for a in tensors if a.is_cuda})
-            with torch.random.fork_rng(devices=cuda):
+            with _random_state_kept(args), warnings.catch_warnings():
+                # torch marks jit.trace deprecated in favour of torch.compile, which cannot trace Pyro's
+                # messengers (dynamo stops at their TypedDict messages); the trace is what works today.
+                warnings.filterwarnings("ignore", category=FutureWarning, message=".*jit.trace.*")
                 compiled(*args, _signature=signature, **kwargs)
             self._seen.add(key)
         return compiled(*args, _signature=signature, **kwargs)
