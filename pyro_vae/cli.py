@@ -1,6 +1,7 @@
 """The ``pyro-vae`` command line: train, evaluate and list components.
 
     pyro-vae train [--dataset digits] [--likelihood bernoulli] ... [--out RUN_DIR]
+    torchrun --nproc-per-node N -m pyro_vae train --distributed ...   (data-parallel over N processes)
     pyro-vae evaluate RUN_DIR --num-samples 5000 [--split test] [--json FILE]
     pyro-vae plot RUN_DIR [--out DIR]
     pyro-vae sample RUN_DIR --num 64 --out FILE.png
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +29,8 @@ import torch
 from .binarization import prepare_split, resolve_binarize
 from .config import BINARIZE_MODES, DEVICES, INFERENCE, DataConfig, ModelConfig, TrainConfig
 from .data import DATASETS, load_dataset
-from .evaluation import evaluate_bounds, latent_layers
+from .distributed import DataParallel, Stream, process_group, run_on_main, torchrun_process_group
+from .evaluation import Bounds, evaluate_bounds, latent_layers
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .model import build_vae
@@ -219,6 +222,20 @@ def _parser() -> argparse.ArgumentParser:
         default=_DEFAULTS_TRAIN.jit,
         help="compile the loss by tracing it once per minibatch shape (not with --warmup-epochs)",
     )
+    fitting.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel over the processes torchrun starts (NCCL on GPUs, gloo on CPUs); "
+        "--batch-size is then the global minibatch",
+    )
+    fitting.add_argument(
+        "--shards",
+        type=_positive(int),
+        default=None,
+        metavar="S",
+        help="cut every minibatch into S shards with their own random streams and average their gradients: "
+        "the result of S processes of --distributed (there the default is the number of processes)",
+    )
     train.add_argument(
         "--eval-samples", type=int, default=1000, help="K for the final test log p(x); 0 skips it"
     )
@@ -322,16 +339,48 @@ def format_report(summary: dict[str, Any], *, title: str) -> str:
     return "\n".join(lines)
 
 
-def _evaluate(vae: Any, x: torch.Tensor, *, num_samples: int, chunk_size: int, seed: int) -> dict[str, Any]:
-    pyro.set_rng_seed(seed)
-    bounds = evaluate_bounds(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk_size)
+def _evaluate(
+    vae: Any, x: torch.Tensor, *, num_samples: int, chunk_size: int, seed: int, shards: int | None = None
+) -> dict[str, Any]:
+    layers_samples = min(num_samples, 100)
+    if shards is None:
+        pyro.set_rng_seed(seed)
+        bounds = evaluate_bounds(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk_size)
+        layers = latent_layers(vae.model, vae.guide, x, num_samples=layers_samples)
+    else:
+        # Slice s of x drawn from the stream (seed, EVALUATION, s) by the process that owns shard s, the
+        # per-datum results gathered in slice order: the same numbers on any number of processes.
+        parallel = DataParallel(shards=shards, seed=seed, device=x.device)
+        parts = parallel.map_shards(
+            x,
+            lambda xs: evaluate_bounds(
+                vae.model,
+                vae.guide,
+                xs,
+                num_samples=num_samples,
+                chunk_size=chunk_size,
+                progress=None if parallel.is_main else False,
+            ),
+            keys=(Stream.EVALUATION,),
+        )
+        bounds = Bounds.concatenate([part for part in parts if part is not None])
+        layers = []
+        if parallel.is_main:  # needs all of x at once (the variance over x of E[z | x]); small K
+            with parallel.seeded(Stream.LAYERS):
+                layers = latent_layers(vae.model, vae.guide, x, num_samples=layers_samples)
     summary = bounds.summary(data_dim=x.shape[-1])
     summary["data_dim"] = x.shape[-1]
-    summary["layers"] = latent_layers(vae.model, vae.guide, x, num_samples=min(num_samples, 100))
+    summary["layers"] = layers
     return summary
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, *, device: torch.device | None = None) -> int:
+    if args.distributed and device is None:
+        with torchrun_process_group(device=args.device) as process_device:
+            return _train(args, device=process_device)
+    rank, world_size = process_group()
+    # Only rank 0 speaks and writes files; the others compute their shards and join its collectives.
+    say = print if rank == 0 else lambda *_, **__: None
     dataset = load_dataset(args.dataset, data_dir=args.data_dir)
     likelihood_cls = LIKELIHOODS.get(args.likelihood)
     mode = resolve_binarize(args.binarize, dataset=dataset, likelihood_binary=likelihood_cls.binary_data)
@@ -365,27 +414,43 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device,
         fused_adam=args.fused_adam,
         jit=args.jit,
+        shards=args.shards or (world_size if args.distributed else None),
     )
     data_config = DataConfig(dataset=args.dataset, data_dir=args.data_dir, binarize=mode)
-    out = Path(args.out or f"runs/{Path(args.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def run_folder() -> Path:
+        # Rank 0's disk holds the run: it alone checks and clears the folder, and every process gets its answer.
+        out = Path(args.out or f"runs/{Path(args.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        checkpoint = out / "checkpoint.pt"
+        if args.resume and args.overwrite:
+            raise ValueError(
+                "--resume continues the run in --out and --overwrite replaces it; pass one of them"
+            )
+        if args.resume and not checkpoint.is_file():
+            raise ValueError(f"{out} holds no checkpoint.pt to resume; train without --resume")
+        if is_run_dir(out) and not (args.overwrite or args.resume):
+            raise ValueError(
+                f"{out} already holds a run; choose another --out, or pass --resume or --overwrite"
+            )
+        if args.overwrite:
+            for name in ("config.json", "model.pt", "metrics.csv", "evaluation.json", "checkpoint.pt"):
+                (out / name).unlink(missing_ok=True)
+        return out
+
+    out = run_on_main(run_folder)
     checkpoint = out / "checkpoint.pt"
-    if args.resume and args.overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
-    if args.resume and not checkpoint.is_file():
-        raise ValueError(f"{out} holds no checkpoint.pt to resume; train without --resume")
-    if is_run_dir(out) and not (args.overwrite or args.resume):
-        raise ValueError(f"{out} already holds a run; choose another --out, or pass --resume or --overwrite")
-    if args.overwrite:
-        for name in ("config.json", "model.pt", "metrics.csv", "evaluation.json", "checkpoint.pt"):
-            (out / name).unlink(missing_ok=True)
     if args.eval_samples < 0:
         raise ValueError(f"--eval-samples must be 0 (skip) or a positive integer, got {args.eval_samples}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device) if device is None else device
 
     pyro.set_rng_seed(args.seed)
     vae = build_vae(model_config)
     # The configs go in first, so a run that dies still says what it was (and --resume finds it).
-    save_config(out, model_config=model_config, train_config=train_config, data_config=data_config)
+    run_on_main(
+        lambda: save_config(
+            out, model_config=model_config, train_config=train_config, data_config=data_config
+        )
+    )
     start = time.perf_counter()
     result = fit(
         vae,
@@ -400,6 +465,7 @@ def _train(args: argparse.Namespace) -> int:
         warmup_epochs=train_config.warmup_epochs,
         clip_norm=train_config.clip_norm,
         seed=train_config.seed,
+        shards=train_config.shards,
         device=device,
         fused_adam=train_config.fused_adam,
         jit=train_config.jit,
@@ -410,35 +476,43 @@ def _train(args: argparse.Namespace) -> int:
         model_config=model_config,
     )
     seconds = time.perf_counter() - start
-    save_run(
-        out,
-        vae=vae,
-        model_config=model_config,
-        train_config=train_config,
-        data_config=data_config,
-        history=result.history,
-    )
+    if rank == 0:
+        save_run(
+            out,
+            vae=vae,
+            model_config=model_config,
+            train_config=train_config,
+            data_config=data_config,
+            history=result.history,
+        )
     final = result.final
-    print(
+    where = f"{device}" if world_size == 1 else f"{world_size} processes ({device.type})"
+    say(
         f"trained a {args.likelihood} VAE (latent {','.join(map(str, model_config.latent_dims))}, hidden {','.join(map(str, args.hidden_dims))}) "
         f"on {dataset.name}: {train_x.shape[0]} train / {test_x.shape[0]} test points of dimension {dataset.input_dim}, "
         f"binarize={mode}"
     )
-    print(
-        f"{train_config.epochs} epochs in {seconds:.1f} s ({seconds / train_config.epochs:.2f} s/epoch) on {device}; "
+    say(
+        f"{train_config.epochs} epochs in {seconds:.1f} s ({seconds / train_config.epochs:.2f} s/epoch) on {where}; "
         f"final ELBO per datum: train {final.train_elbo:.3f} nats, test {final.test_elbo:.3f} nats"
     )
     if args.eval_samples:
         summary = _evaluate(
-            vae, test_x.to(device), num_samples=args.eval_samples, chunk_size=1000, seed=args.seed
+            vae,
+            test_x.to(device),
+            num_samples=args.eval_samples,
+            chunk_size=1000,
+            seed=args.seed,
+            shards=train_config.shards,
         )
-        save_evaluation(out / "evaluation.json", summary)
-        print(
+        if rank == 0:
+            save_evaluation(out / "evaluation.json", summary)
+        say(
             f"test log p(x) = {summary['log_px']:.3f} ± {summary['log_px_stderr']:.3f} nats per datum "
             f"(importance sampling, K={args.eval_samples}); NLL {summary['nll']:.3f} nats, "
             f"{summary['bits_per_dim']:.4f} bits/dim"
         )
-    print(f"run saved to {out}")
+    say(f"run saved to {out}")
     return 0
 
 
@@ -521,23 +595,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sample": _sample_command,
         "list": _list_command,
     }[args.command]
+    # Under torchrun every process would say the same: the others name their rank, and stay silent where
+    # all of them stop together (a NaN loss, Ctrl-C: decided with the gradients of the same step).
+    rank = int(os.environ.get("RANK", "0")) if getattr(args, "distributed", False) else 0
+    name = "pyro-vae" if rank == 0 else f"pyro-vae (rank {rank})"
     try:
         return command(args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         if args.debug:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"pyro-vae: error: {message}", file=sys.stderr)
+        print(f"{name}: error: {message}", file=sys.stderr)
         return 2
     except FloatingPointError as error:
         if args.debug:
             raise
-        print(f"pyro-vae: training stopped: {error}", file=sys.stderr)
+        if rank == 0:
+            print(f"pyro-vae: training stopped: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as error:
-        print(f"pyro-vae: interrupted{': ' + str(error) if str(error) else ''}", file=sys.stderr)
-        if args.command == "train":
-            print("pyro-vae: run the same command with --resume to continue", file=sys.stderr)
+        if rank == 0:
+            print(f"pyro-vae: interrupted{': ' + str(error) if str(error) else ''}", file=sys.stderr)
+            if args.command == "train":
+                print("pyro-vae: run the same command with --resume to continue", file=sys.stderr)
         return 130
 
 

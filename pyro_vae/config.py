@@ -125,6 +125,9 @@ class TrainConfig:
     fused_adam: bool = True
     # Compile the loss by tracing (objectives.JitELBO); needs a model whose structure and constants are fixed.
     jit: bool = False
+    # Cut every minibatch into this many shards, each with its own random streams (pyro_vae.distributed);
+    # a run of W processes has W (or a multiple). None: one process drawing from torch's global generator.
+    shards: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_particles"):
@@ -158,6 +161,14 @@ class TrainConfig:
                 "the jit-compiled loss is traced once, so it cannot follow a KL weight that changes every "
                 "step; use --no-jit with --warmup-epochs, or drop the warm-up"
             )
+        if self.shards is not None:
+            _positive_int("TrainConfig", "shards", self.shards)
+            if self.batch_size % self.shards:
+                raise ValueError(
+                    f"the minibatch of {self.batch_size} points cannot be cut into {self.shards} equal shards; "
+                    f"use a --batch-size that is a multiple of {self.shards} (it is the global minibatch, "
+                    "over all processes)"
+                )
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

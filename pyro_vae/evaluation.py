@@ -47,6 +47,7 @@ from pyro.poutine.util import prune_subsample_sites
 from tqdm.auto import tqdm
 
 from ._typing import ModelFn
+from .kernels import AUTO_ROWS, compiled_kernels
 
 __all__ = [
     "Bounds",
@@ -193,6 +194,25 @@ class Bounds:
     def num_data(self) -> int:
         return self.log_px.shape[0]
 
+    @classmethod
+    def concatenate(cls, parts: Sequence[Bounds]) -> Bounds:
+        """The bounds of consecutive slices of a data set, joined in order (all with the same K)."""
+        if not parts or len({part.num_samples for part in parts}) != 1:
+            raise ValueError("concatenate needs one or more Bounds, all from the same number of samples")
+
+        def cat(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if any(t is None for t in tensors) else torch.cat(tensors)  # type: ignore[arg-type]
+
+        return cls(
+            elbo=torch.cat([part.elbo for part in parts]),
+            iwae={k: torch.cat([part.iwae[k] for part in parts]) for k in parts[0].iwae},
+            log_px=torch.cat([part.log_px for part in parts]),
+            log_px_stderr=torch.cat([part.log_px_stderr for part in parts]),
+            khat=cat([part.khat for part in parts]),
+            ess=cat([part.ess for part in parts]),
+            num_samples=parts[0].num_samples,
+        )
+
     def summary(self, *, data_dim: int | None = None, bits_scale: float = 1.0) -> dict[str, Any]:
         """Per-datum means in nats, as reported in papers.
 
@@ -271,6 +291,7 @@ def evaluate_bounds(
     iwae_ks: Sequence[int] | None = None,
     diagnostics: bool = True,
     progress: bool | None = None,
+    compile: bool | None = None,
 ) -> Bounds:
     """ELBO, IWAE-k, log p̂(x) with its standard error, and PSIS diagnostics, per data point.
 
@@ -281,7 +302,10 @@ def evaluate_bounds(
     of a data chunk are held in float64 (K x data_chunk_size numbers) and
     reduced at once. ``iwae_ks`` defaults to 1, 5, 50, ... up to K. Randomness
     comes from torch's global generator; the same seed and chunk sizes give the
-    same numbers.
+    same numbers. ``compile`` runs the likelihood's elementwise log-density as
+    one fused kernel (:mod:`pyro_vae.kernels`); ``None`` does so for evaluations
+    of at least ``kernels.AUTO_ROWS`` (datum, sample) rows, where the seconds
+    spent compiling are won back.
     """
     check_sampling_args(x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size)
     ks = sorted(set(default_iwae_ks(num_samples) if iwae_ks is None else iwae_ks))
@@ -294,7 +318,8 @@ def evaluate_bounds(
     parts: dict[str, list[torch.Tensor]] = {"elbo": [], "log_px": [], "stderr": [], "khat": [], "ess": []}
     iwae: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     show = sys.stdout.isatty() if progress is None else progress
-    with torch.no_grad(), pyro.validation_enabled(False), poutine.block():
+    fuse = x.shape[0] * num_samples >= AUTO_ROWS if compile is None else compile
+    with torch.no_grad(), pyro.validation_enabled(False), poutine.block(), compiled_kernels(fuse):
         nesting = _max_plate_nesting(model, guide, (x[:1],), {})
         for xs in tqdm(
             x.split(data_chunk_size), disable=not show, desc="log p(x)", unit="chunk", file=sys.stderr

@@ -88,7 +88,7 @@ class Bernoulli(Likelihood):
     binary_data = True
 
     def forward(self, decoder_output: torch.Tensor) -> dist.Distribution:
-        return dist.Bernoulli(logits=decoder_output).to_event(1)
+        return vae_dist.IndependentBernoulli(decoder_output)
 
 
 @LIKELIHOODS.register("gaussian")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ._typing import DeviceLike
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import ModelConfig, TrainConfig
+from .distributed import DataParallel, Shard, ShardedELBO, Stream, derive_seed, process_group, run_on_main
 from .model import VAE
 from .objectives import LatentWeight, make_loss, scale_latents
 from .optim import JointAdam
@@ -109,12 +110,31 @@ class FitResult:
 @torch.no_grad()
 def mean_elbo(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, batch_size: int = 1024) -> float:
     """The ELBO per data point of ``x`` [N, D], in nats, estimated with ``num_particles`` samples each."""
+    return -float(_negative_elbo_sum(vae, x, num_particles=num_particles, batch_size=batch_size)) / x.shape[0]
+
+
+def _negative_elbo_sum(
+    vae: VAE, x: torch.Tensor, *, num_particles: int, batch_size: int = 1024
+) -> torch.Tensor:
+    # -sum over the points of x of their ELBO estimates: float64 [], on x's device.
     loss = make_loss("elbo", num_particles=num_particles)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    with poutine.block(), pyro.validation_enabled(False):
+    with torch.no_grad(), poutine.block(), pyro.validation_enabled(False):
         for chunk in x.split(batch_size):
             total += loss.differentiable_loss(vae.model, vae.guide, chunk).double()
-    return -float(total) / x.shape[0]
+    return total
+
+
+def _sharded_mean_elbo(
+    vae: VAE, x: torch.Tensor, parallel: DataParallel, *, epoch: int, num_particles: int
+) -> float:
+    """:func:`mean_elbo` of ``x`` cut into the run's S slices, slice s drawn from (seed, TEST_ELBO, epoch, s)."""
+    totals = parallel.map_shards(
+        x,
+        lambda xs: float(_negative_elbo_sum(vae, xs, num_particles=num_particles)),
+        keys=(Stream.TEST_ELBO, epoch),
+    )
+    return -math.fsum(t for t in totals if t is not None) / x.shape[0]  # fsum: exact, in any order
 
 
 def warmup_weight(step: int, *, beta: float, warmup_steps: int) -> float:
@@ -136,6 +156,7 @@ def fit(
     warmup_epochs: int = 0,
     clip_norm: float | None = None,
     seed: int = 0,
+    shards: int | None = None,
     device: DeviceLike = "auto",
     fused_adam: bool = True,
     jit: bool = False,
@@ -177,7 +198,29 @@ def fit(
     for ``loss="elbo"`` with beta 1; the beta-weighted or IWAE bound
     otherwise); ``test_elbo`` is the plain ELBO of ``test`` after the epoch.
     ``progress=None`` shows a progress bar only when stdout is a terminal.
+
+    ``shards=S`` cuts every minibatch into S shards of M / S points, each with
+    its own random streams seeded by (seed, step, shard), and steps on the mean
+    of their gradients (see :mod:`pyro_vae.distributed`). In a process group of
+    W processes (``torchrun``; give each process its own ``device``,
+    ``cuda:LOCAL_RANK``) S defaults to W and must be a multiple of it: each
+    process computes S / W shards, the gradients are all-reduced, and only
+    rank 0 writes the checkpoint and shows progress. The result depends on S,
+    not on W: one process with ``shards=2`` ends with the parameters of two
+    processes, and a resume needs the same S but may change W. ``batch_size``
+    is the global minibatch, a multiple of S; an epoch visits N rounded down to
+    a multiple of S points (a different few left out each epoch); ``test_elbo``
+    is computed slice by slice, slice s under the seed (seed, epoch, s).
+
+    Without ``shards`` (the default) one process draws the data order and all
+    noise from torch's global generator, as it always has: a seed gives the
+    numbers it gave before, and a checkpoint carries that generator's state.
+    (The derived streams cost a seeding per shard and step, and would change
+    every existing result.) ``shards=1`` trains as one process of ``torchrun``.
     """
+    _, world_size = process_group()
+    if shards is None and world_size > 1:
+        shards = world_size  # data-parallel over the process group: one shard per process
     config = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -191,12 +234,14 @@ def fit(
         device=str(device),
         fused_adam=fused_adam,
         jit=jit,
+        shards=shards,
     )
     if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every!r}")
     if (resume or checkpoint_every) and checkpoint is None:
         raise ValueError("resume and checkpoint_every need a checkpoint path")
     run_device = resolve_device(device)
+    parallel = None if shards is None else DataParallel(shards=shards, seed=seed, device=run_device)
     _check_data(vae, train, "training", dynamic_binarization=dynamic_binarization)
     if test is not None:
         _check_data(vae, test, "test", dynamic_binarization=False)
@@ -205,7 +250,8 @@ def fit(
             f"batch_size {batch_size} is larger than the {train.shape[0]} training points; use --batch-size "
             f"{train.shape[0]} or less"
         )
-    saved = load_checkpoint(checkpoint) if resume else None
+    # Rank 0 reads the checkpoint (it may be on its disk only) and hands it to every process.
+    saved = run_on_main(lambda: load_checkpoint(checkpoint)) if resume else None
     if saved is not None:
         _check_resumable(saved, config, model_config, vae, num_data=train.shape[0])
 
@@ -213,8 +259,9 @@ def fit(
     train = train.to(run_device)
     test = test.to(run_device) if test is not None else None
     num_data = train.shape[0]
-    steps_per_epoch = math.ceil(num_data / batch_size)
-    show = sys.stdout.isatty() if progress is None else progress
+    per_epoch = num_data if parallel is None else parallel.samples_per_epoch(num_data)
+    steps_per_epoch = math.ceil(per_epoch / batch_size)
+    show = (sys.stdout.isatty() if progress is None else progress) and (parallel is None or parallel.is_main)
     result = FitResult(vae=vae, device=run_device, config=config)
 
     # The KL weight: beta, or its warm-up value, read by both model and guide at every step.
@@ -227,8 +274,16 @@ def fit(
     # earlier model of the same name cannot stand in for this model's.
     with pyro.get_param_store().scope(), _StopOnInterrupt() as interrupt:
         optimizer = JointAdam(lr=lr) if fused_adam else pyro.optim.Adam({"lr": lr})
-        svi = AsyncSVI(model, guide, optimizer, loss=make_loss(loss, num_particles=num_particles, jit=jit))
+        objective = make_loss(loss, num_particles=num_particles, jit=jit)
+        if parallel is not None:
+            sharded = ShardedELBO(
+                objective, parallel=parallel, preprocess=torch.bernoulli if dynamic_binarization else None
+            )
+            objective = sharded
+        svi = AsyncSVI(model, guide, optimizer, loss=objective)
         svi.clip_norm = clip_norm
+        if parallel is not None:
+            svi.reduce_grads = sharded.reduce_grads
         # Where training stands: the epoch in progress, its data order and how many minibatches of it are
         # done, and the epoch's running sums (kept on the device).
         epoch, done, order, step = 1, 0, None, 0
@@ -243,7 +298,14 @@ def fit(
             epoch, done, step, seen = saved["epoch"], saved["done"], saved["step"], saved["seen"]
             order = None if saved["order"] is None else saved["order"].to(run_device)
             epoch_loss = torch.tensor(saved["epoch_loss"], dtype=torch.float64, device=run_device)
-            restore_rng(saved["rng"])
+            if saved["rng"] is not None:  # None: a sharded run, whose draws follow from (seed, step)
+                restore_rng(saved["rng"])
+        if parallel is not None:
+            # Everything but the device (cuda:LOCAL_RANK differs by process) must agree, or the sums are garbage.
+            settings = {k: v for k, v in config.to_dict().items() if k != "device"}
+            shapes = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
+            parallel.check_same((settings, num_data, shapes), what="the settings, data or model")
+            parallel.broadcast_module(vae)
         # The first step whose loss was not finite, found without a host sync: read back only at checks.
         first_bad = torch.full((), -1, dtype=torch.long, device=run_device)
 
@@ -254,7 +316,7 @@ def fit(
                 "num_data": num_data,
                 "model": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
                 "optim": svi.optim.get_state(),
-                "rng": capture_rng(),
+                "rng": capture_rng() if parallel is None else None,
                 "epoch": epoch,
                 "done": done,
                 "step": step,
@@ -279,7 +341,7 @@ def fit(
 
         def save() -> None:
             check_finite()
-            if checkpoint is not None:
+            if checkpoint is not None and (parallel is None or parallel.is_main):
                 save_checkpoint(checkpoint, snapshot())
 
         bar = tqdm(
@@ -294,36 +356,60 @@ def fit(
             while epoch <= epochs:
                 start = time.perf_counter()
                 bar.set_description(f"epoch {epoch}/{epochs}")
-                if order is None:
-                    # A fresh permutation every epoch, from the global generator (restored on resume).
-                    order = torch.randperm(num_data, device=run_device)
-                batches = order.split(batch_size)
+                if parallel is not None:
+                    # Each shard's indices from DistributedSampler, drawn from (seed, epoch): nothing to store.
+                    batches = parallel.minibatches(num_data, batch_size=batch_size, epoch=epoch)
+                else:
+                    if order is None:
+                        # A fresh permutation every epoch, from the global generator (restored on resume).
+                        order = torch.randperm(num_data, device=run_device)
+                    batches = order.split(batch_size)
                 while done < len(batches):
-                    x = train[batches[done]]  # the last minibatch may be smaller; N/M keeps it unbiased
-                    if dynamic_binarization:
-                        x = torch.bernoulli(x)
+                    if parallel is None:
+                        x = train[batches[done]]  # the last minibatch may be smaller; N/M keeps it unbiased
+                        if dynamic_binarization:
+                            x = torch.bernoulli(x)
+                    else:
+                        x = [
+                            Shard(s, derive_seed(seed, Stream.TRAIN, step, s), train[i])
+                            for s, i in batches[done]
+                        ]
+                        if interrupt.requested:
+                            sharded.request_stop()  # travels with this step's gradients to every process
                     if warmup_steps:
                         kl_weight.beta = warmup_weight(step, beta=beta, warmup_steps=warmup_steps)
                     # Pyro's validation (shapes, supports) on the first step only: every later check would
                     # be a host-device synchronisation, and the data were checked once above.
                     with pyro.validation_enabled(step == 0):
                         step_loss = svi.step_async(x, num_data=num_data)
+                    if parallel is None:
+                        size = x.shape[0]
+                    else:
+                        # The mean of the S shard losses, summed over all processes: the same in each.
+                        step_loss, size = sharded.global_loss, parallel.shards * x[0].x.shape[0]
                     first_bad = torch.where(
                         (first_bad < 0) & ~torch.isfinite(step_loss),
                         torch.full_like(first_bad, step),
                         first_bad,
                     )
-                    epoch_loss += step_loss.double() * (x.shape[0] / num_data)
-                    seen += x.shape[0]
+                    epoch_loss += step_loss.double() * (size / num_data)
+                    seen += size
                     step += 1
                     done += 1
                     bar.update()
-                    if run_device.type == "cpu" or step % _REFRESH_EVERY == 0:
+                    checking = run_device.type == "cpu" or step % _REFRESH_EVERY == 0
+                    if checking:
                         check_finite()  # free on the CPU; on a GPU only as often as the bar refreshes
                     if show and step % _REFRESH_EVERY == 0:
                         bar.set_postfix(elbo=f"{-float(epoch_loss) / seen:.2f}")
-                    if interrupt.requested:
+                    # With shards, the flag all processes summed, read back at the same steps in each.
+                    stopping = (
+                        interrupt.requested if parallel is None else checking and sharded.stop_requested
+                    )
+                    if stopping:
                         save()
+                        if parallel is not None:
+                            parallel.barrier()  # torchrun stops everyone at the first exit: after the save
                         raise KeyboardInterrupt(
                             f"stopped at step {step}"
                             + (f"; the checkpoint {checkpoint} resumes it" if checkpoint else "")
@@ -331,8 +417,15 @@ def fit(
                     if checkpoint_every and step % checkpoint_every == 0 and done < len(batches):
                         save()
                 check_finite()
-                train_elbo = -float(epoch_loss) / num_data
-                test_elbo = mean_elbo(vae, test, num_particles=num_particles) if test is not None else None
+                train_elbo = -float(epoch_loss) / seen
+                if test is None:
+                    test_elbo = None
+                elif parallel is None:
+                    test_elbo = mean_elbo(vae, test, num_particles=num_particles)
+                else:
+                    test_elbo = _sharded_mean_elbo(
+                        vae, test, parallel, epoch=epoch, num_particles=num_particles
+                    )
                 result.history.append(EpochRecord(epoch, train_elbo, test_elbo, time.perf_counter() - start))
                 bar.set_postfix(
                     elbo=f"{train_elbo:.2f}", test=f"{test_elbo:.2f}" if test_elbo is not None else "-"
@@ -350,6 +443,17 @@ def _check_resumable(
 ) -> None:
     """Refuse a checkpoint made with other settings, another model or other data."""
     ours, theirs = config.to_dict(), dict(saved["train_config"])
+    then, now = theirs.get("shards"), ours["shards"]
+    if then != now:
+        # Each shard draws from its own random streams, so the shard count is part of what is computed.
+        def shards(count: int | None) -> str:
+            return f"--shards {count}" if count else "no shards (one process, without --distributed)"
+
+        raise ValueError(
+            f"the checkpoint was trained with {shards(then)} and this run has {shards(now)}; resume with "
+            + shards(then)
+            + (f" (under torchrun, on a number of processes that divides {then})" if then else "")
+        )
     # Training longer is allowed; everything else must be what the checkpoint was made with.
     for free in (
         "epochs",

@@ -32,6 +32,29 @@ def logistic_pmf(levels: np.ndarray, loc: float, scale: float) -> np.ndarray:
     return np.where(levels == 1, logistic.sf(lo), mass)
 
 
+# Bernoulli
+
+
+def test_independent_bernoulli_is_torchs_bernoulli_as_one_event(float64):
+    logits = torch.randn(3, 7, D, requires_grad=True) * 20  # large |logits| too
+    x = torch.bernoulli(torch.full((3, 7, D), 0.4))
+    ours = vae_dist.IndependentBernoulli(logits, validate_args=True)
+    torch_dist = torch.distributions.Independent(torch.distributions.Bernoulli(logits=logits), 1)
+    assert ours.batch_shape == (3, 7) and ours.event_shape == (D,)
+    expected = torch_dist.log_prob(x)
+    torch.testing.assert_close(ours.log_prob(x), expected, rtol=1e-12, atol=1e-12)
+    (grad_ours,) = torch.autograd.grad(ours.log_prob(x).sum(), logits)
+    (grad_torch,) = torch.autograd.grad(expected.sum(), logits)
+    torch.testing.assert_close(grad_ours, grad_torch)
+    torch.testing.assert_close(ours.mean, torch.sigmoid(logits))
+    expanded = vae_dist.IndependentBernoulli(logits[0]).expand((3, 7))
+    assert type(expanded) is vae_dist.IndependentBernoulli and expanded.batch_shape == (3, 7)
+    first = torch.distributions.Independent(torch.distributions.Bernoulli(logits=logits[0]), 1)
+    torch.testing.assert_close(expanded.log_prob(x), first.log_prob(x))
+    with pytest.raises(ValueError):
+        ours.log_prob(torch.full((3, 7, D), 0.5))  # not binary
+
+
 # Continuous Bernoulli
 
 
