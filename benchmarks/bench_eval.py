@@ -8,7 +8,9 @@ device: how close the evaluator is to being bound by arithmetic rather than by
 Python and Pyro bookkeeping.
 
 The data are MNIST test images from ``--data-dir`` (statically binarized) when
-the files are there, random binary images otherwise; the numbers depend only on
+the files are there, random binary images otherwise; they are evaluated in
+``--rounds`` slices, with the matmul reference timed between slices so that
+drift in the machine's speed touches both rates alike; the numbers depend only on
 shapes, not on trained weights. ``--compile`` chooses the likelihood's
 log-density kernel: ``auto`` (the evaluator's default: fused by torch.compile
 from 2^22 (datum, sample) rows on, as in the full 10,000 x 5,000 run), ``on`` or
@@ -42,8 +44,8 @@ def decoder_flops_per_row(latent: int, hidden: int, data_dim: int) -> int:
 
 def matmul_rate(
     rows: int, latent: int, hidden: int, data_dim: int, device: torch.device, repeats: int
-) -> float:
-    """FLOP/s of the decoder's two matmuls on ``rows`` rows, with nothing else around them."""
+) -> tuple[float, float]:
+    """FLOP/s of the decoder's two matmuls on ``rows`` rows, with nothing else around them, and the seconds timed."""
     z = torch.randn(rows, latent, device=device)
     w1 = torch.randn(latent, hidden, device=device)
     w2 = torch.randn(hidden, data_dim, device=device)
@@ -54,7 +56,8 @@ def matmul_rate(
     for _ in range(repeats):
         torch.matmul(torch.matmul(z, w1), w2)
     _sync(device)
-    return repeats * rows * decoder_flops_per_row(latent, hidden, data_dim) / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return repeats * rows * decoder_flops_per_row(latent, hidden, data_dim) / elapsed, elapsed
 
 
 def main(args: argparse.Namespace) -> float:
@@ -79,23 +82,30 @@ def main(args: argparse.Namespace) -> float:
         vae.model, vae.guide, x[:2], num_samples=args.chunk_size, chunk_size=args.chunk_size, compile=fuse
     )  # warm-up, and the compilation of the fused log-density when there is one
     warmup = time.perf_counter() - start
-    _sync(device)
-    start = time.perf_counter()
-    evaluate_bounds(
-        vae.model,
-        vae.guide,
-        x,
-        num_samples=args.num_samples,
-        chunk_size=args.chunk_size,
-        diagnostics=not args.no_khat,
-        compile=fuse,
-    )
-    _sync(device)
-    seconds = time.perf_counter() - start
+    # The machine's speed drifts over a long run (the matmul rate alone moved from 124 to 167 GFLOP/s
+    # between runs here), so the data are evaluated in rounds with the matmul reference timed between
+    # them: both rates are taken over the same stretch of time.
+    rows_per_pass = args.chunk_size * max(1, 65536 // args.chunk_size)
+    seconds, matmul_seconds, matmul_flops = 0.0, 0.0, 0.0
+    for part in x.tensor_split(min(args.rounds, x.shape[0])):
+        _sync(device)
+        start = time.perf_counter()
+        evaluate_bounds(
+            vae.model,
+            vae.guide,
+            part,
+            num_samples=args.num_samples,
+            chunk_size=args.chunk_size,
+            diagnostics=not args.no_khat,
+            compile=fuse,
+        )
+        _sync(device)
+        seconds += time.perf_counter() - start
+        rate, elapsed = matmul_rate(rows_per_pass, latent, hidden, 784, device, repeats=2)
+        matmul_seconds += elapsed
+        matmul_flops += rate * elapsed
     achieved = rows * decoder_flops_per_row(latent, hidden, 784) / seconds
-    reference = matmul_rate(
-        args.chunk_size * max(1, 65536 // args.chunk_size), latent, hidden, 784, device, repeats=10
-    )
+    reference = matmul_flops / matmul_seconds
     fraction = achieved / reference
     print(f"device {device}, torch {torch.__version__}, pyro {pyro.__version__}; data: {source}")
     print(
@@ -121,6 +131,12 @@ if __name__ == "__main__":
     parser.add_argument("--limit", type=int, default=10_000, help="number of test images")
     parser.add_argument("--num-samples", type=int, default=5000)
     parser.add_argument("--chunk-size", type=int, default=1000, help="samples per vectorized pass")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=10,
+        help="slices of the data, with the matmul reference timed between them",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-khat", action="store_true", help="skip the PSIS diagnostics (CPU numpy work)")
     parser.add_argument(
@@ -132,5 +148,5 @@ if __name__ == "__main__":
     parser.add_argument("--smoke-test", action="store_true")
     args = parser.parse_args()
     if args.smoke_test:
-        args.limit, args.num_samples, args.chunk_size = 4, 100, 50
+        args.limit, args.num_samples, args.chunk_size, args.rounds = 4, 100, 50, 2
     main(args)
