@@ -199,3 +199,17 @@ def test_derived_seeds_and_config_checks():
         TrainConfig(batch_size=64, shards=3)
     with pytest.raises(ValueError, match="shards must be a positive integer"):
         TrainConfig(shards=0)
+
+
+def test_two_processes_with_four_shards_equal_one_process_with_four(tmp_path):
+    """Each of the 2 processes computes 2 of the 4 shards: still the one-process --shards 4 run."""
+    argv = ["train", *SMALL[:-4], "--epochs", "1", "--eval-samples", "0", "--shards", "4", "--out", "run"]
+    done = _torchrun(tmp_path / "two", *argv, "--distributed")
+    assert done.returncode == 0, done.stderr
+    assert main([*argv[:-1], str(tmp_path / "one")]) == 0
+    expected, got = _weights(tmp_path / "one"), _weights(tmp_path / "two" / "rank0" / "run")
+    largest = max(float((expected[k] - got[k]).abs().max()) for k in expected)
+    assert largest <= 1e-6, largest
+    # Each process sums its two shards before the all-reduce: the same numbers up to the order of additions.
+    one, two = (_metrics(run)[1:] for run in (tmp_path / "one", tmp_path / "two" / "rank0" / "run"))
+    assert [float(v) for row in one for v in row] == pytest.approx([float(v) for row in two for v in row])
