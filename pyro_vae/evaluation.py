@@ -315,8 +315,7 @@ def evaluate_bounds(
     if data_chunk_size is None:
         data_chunk_size = max(1, _ROWS_PER_PASS // chunk_size)
 
-    parts: dict[str, list[torch.Tensor]] = {"elbo": [], "log_px": [], "stderr": [], "khat": [], "ess": []}
-    iwae: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    chunks: list[Bounds] = []
     show = sys.stdout.isatty() if progress is None else progress
     fuse = x.shape[0] * num_samples >= AUTO_ROWS if compile is None else compile
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block(), compiled_kernels(fuse):
@@ -336,49 +335,42 @@ def evaluate_bounds(
                     for start in range(0, num_samples, chunk_size)
                 ]
             )  # [K, n] float64
-            _reduce(log_w, ks, parts, iwae, diagnostics=diagnostics)
-    cat = {name: torch.cat(values) if values else None for name, values in parts.items()}
-    return Bounds(
-        elbo=cat["elbo"],
-        iwae={k: torch.cat(v) for k, v in iwae.items()},
-        log_px=cat["log_px"],
-        log_px_stderr=cat["stderr"],
-        khat=cat["khat"],
-        ess=cat["ess"],
-        num_samples=num_samples,
-    )
+            chunks.append(_reduce(log_w, ks, diagnostics=diagnostics))
+    return Bounds.concatenate(chunks)
 
 
-def _reduce(
-    log_w: torch.Tensor,
-    ks: Sequence[int],
-    parts: dict[str, list[torch.Tensor]],
-    iwae: dict[int, list[torch.Tensor]],
-    *,
-    diagnostics: bool,
-) -> None:
+def _reduce(log_w: torch.Tensor, ks: Sequence[int], *, diagnostics: bool) -> Bounds:
+    """The bounds of one chunk of data from its log-weights ``log_w`` [K, n] float64, moved to the CPU."""
     num_samples = log_w.shape[0]
-    parts["elbo"].append(log_w.mean(0).cpu())
     log_px = torch.logsumexp(log_w, 0) - math.log(num_samples)
-    parts["log_px"].append(log_px.cpu())
+    iwae = {}
     for k in ks:
         groups = num_samples // k
         grouped = log_w[: groups * k].reshape(groups, k, -1)  # [G, k, n]
-        iwae[k].append((torch.logsumexp(grouped, 1) - math.log(k)).mean(0).cpu())
+        iwae[k] = (torch.logsumexp(grouped, 1) - math.log(k)).mean(0).cpu()
     # Delta method on w / max(w), which leaves sd(w) / mean(w) unchanged and cannot overflow.
     w = torch.exp(log_w - log_w.max(0).values)  # [K, n]
     if num_samples > 1:
         stderr = w.std(0) / (w.mean(0) * math.sqrt(num_samples))
     else:
         stderr = torch.full_like(log_px, math.nan)
-    parts["stderr"].append(stderr.cpu())
+    ess = khat = None
     if diagnostics:
         normalized = torch.softmax(log_w, 0)
-        parts["ess"].append((1.0 / normalized.pow(2).sum(0)).cpu())
+        ess = (1.0 / normalized.pow(2).sum(0)).cpu()
         if num_samples >= _MIN_SAMPLES_FOR_KHAT:
-            parts["khat"].append(_psis_khat(log_w))
+            khat = _psis_khat(log_w)
         else:
-            parts["khat"].append(torch.full((log_w.shape[1],), math.nan, dtype=torch.float64))
+            khat = torch.full((log_w.shape[1],), math.nan, dtype=torch.float64)
+    return Bounds(
+        elbo=log_w.mean(0).cpu(),
+        iwae=iwae,
+        log_px=log_px.cpu(),
+        log_px_stderr=stderr.cpu(),
+        khat=khat,
+        ess=ess,
+        num_samples=num_samples,
+    )
 
 
 def log_marginal(

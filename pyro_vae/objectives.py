@@ -67,6 +67,11 @@ class _TensorLoss:
             loss.backward()
         return loss.detach()
 
+    def _particle_term(self, particle_loss: Any, surrogate: Any) -> torch.Tensor:
+        """One particle's share of the loss: its value, with the gradient of its surrogate (score terms)."""
+        surrogate = torch.as_tensor(surrogate)
+        return (particle_loss + (surrogate - surrogate.detach())) / self.num_particles  # type: ignore[attr-defined]
+
 
 class DeviceTrace_ELBO(_TensorLoss, Trace_ELBO):
     """Pyro's Trace_ELBO, with the loss kept as a tensor on the model's device.
@@ -91,9 +96,9 @@ class DeviceTrace_ELBO(_TensorLoss, Trace_ELBO):
                 elbo = elbo - sum(site["log_prob"].sum() for site in latent_sites)
                 loss = loss - elbo / self.num_particles
             else:
-                particle_loss, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
-                surrogate = torch.as_tensor(surrogate)
-                loss = loss + (particle_loss + (surrogate - surrogate.detach())) / self.num_particles
+                loss = loss + self._particle_term(
+                    *self._differentiable_loss_particle(model_trace, guide_trace)
+                )
         return torch.as_tensor(loss)
 
 
@@ -123,8 +128,7 @@ class MeanField_ELBO(_TensorLoss, TraceMeanField_ELBO):
         # constant that a traced (jit) loss would keep from its first call. The detached tensor does neither.
         loss: torch.Tensor | float = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            particle, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
-            loss = loss + (particle + (surrogate - surrogate.detach())) / self.num_particles
+            loss = loss + self._particle_term(*self._differentiable_loss_particle(model_trace, guide_trace))
         return torch.as_tensor(loss)
 
     @staticmethod

@@ -54,6 +54,7 @@ class JointAdam(PyroOptim):
         self.fused = bool(fused)
         self.optimizer: torch.optim.Adam | None = None
         self.names: list[str] = []
+        self._ids: set[int] = set()
         self._pending: dict[str, Any] | None = None
 
     def __call__(self, params: Iterable[torch.Tensor], *args: Any, **kwargs: Any) -> None:
@@ -61,12 +62,12 @@ class JointAdam(PyroOptim):
         if self.optimizer is None:
             self._build(params)
         else:
-            known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-            new = [p for p in params if id(p) not in known]
+            new = [p for p in params if id(p) not in self._ids]
             if new:
                 names = self._names(new)
                 self.optimizer.add_param_group({"params": [p for _, p in names]})
                 self.names += [name for name, _ in names]
+                self._ids.update(id(p) for p in new)
         self.optimizer.step()  # type: ignore[union-attr]
 
     def _names(self, params: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -77,6 +78,7 @@ class JointAdam(PyroOptim):
         named = self._names(params)
         self.names = [name for name, _ in named]
         tensors = [p for _, p in named]
+        self._ids = {id(p) for p in tensors}  # the parameters stepped so far, to spot new ones cheaply
         fused = self.fused and all(p.is_floating_point() and fused_adam_available(p.device) for p in tensors)
         # foreach=False with fused=False is torch's per-tensor loop: the arithmetic of pyro.optim.Adam.
         self.optimizer = torch.optim.Adam(

@@ -107,7 +107,6 @@ class FitResult:
         return self.history[-1]
 
 
-@torch.no_grad()
 def mean_elbo(vae: VAE, x: torch.Tensor, *, num_particles: int = 1, batch_size: int = 1024) -> float:
     """The ELBO per data point of ``x`` [N, D], in nats, estimated with ``num_particles`` samples each."""
     return -float(_negative_elbo_sum(vae, x, num_particles=num_particles, batch_size=batch_size)) / x.shape[0]
