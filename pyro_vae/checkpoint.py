@@ -1,10 +1,11 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
-A checkpoint holds the model's weights, the state of Pyro's per-parameter
-optimizers, the random-number states of torch (CPU and CUDA), numpy and
-Python, the position in the current epoch (its permutation of the data and
-the number of minibatches done), the running sums of the epoch and the
-history so far. Resuming from it replays the remaining steps with the same
+A checkpoint holds the model's weights, the optimizer's state (JointAdam's,
+or Pyro's per-parameter optimizers with ``fused_adam=False``), the
+random-number states of torch (CPU and CUDA), numpy and Python (none for a
+sharded run, whose draws follow from the seed and the step), the position in
+the current epoch (its permutation of the data and the number of minibatches
+done), the running sums of the epoch and the history so far. Resuming from it replays the remaining steps with the same
 random draws, so on the CPU a run killed at any moment and resumed ends with
 exactly the parameters of a run that was never interrupted.
 
