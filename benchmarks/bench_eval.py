@@ -28,8 +28,8 @@ import pyro
 import torch
 
 from pyro_vae import DataError, ModelConfig, build_vae, evaluate_bounds, load_dataset, prepare_split
-from pyro_vae.kernels import AUTO_ROWS
-from pyro_vae.train import resolve_device
+from pyro_vae.components.kernels import AUTO_ROWS
+from pyro_vae.training.loop import resolve_device
 
 
 def _sync(device: torch.device) -> None:

@@ -35,8 +35,8 @@ import pyro.optim
 import torch
 
 from pyro_vae import ModelConfig, build_vae, make_loss
-from pyro_vae.optim import JointAdam
-from pyro_vae.train import AsyncSVI, resolve_device
+from pyro_vae.training.loop import AsyncSVI, resolve_device
+from pyro_vae.training.optim import JointAdam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_vae import ReferenceVAE

@@ -32,7 +32,7 @@ from pyro_vae import (
     prepare_split,
     resolve_binarize,
 )
-from pyro_vae.train import resolve_device
+from pyro_vae.training.loop import resolve_device
 
 
 def main(args: argparse.Namespace) -> list[dict]:

@@ -52,7 +52,7 @@ import pyro
 import torch
 
 from pyro_vae import ModelConfig, build_vae, evaluate_bounds, fit, load_dataset, prepare_split
-from pyro_vae.train import resolve_device
+from pyro_vae.training.loop import resolve_device
 
 LIKELIHOODS = ("gaussian", "gaussian-learned-scale", "continuous-bernoulli", "discretized-logistic")
 

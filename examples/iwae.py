@@ -33,8 +33,8 @@ import time
 import pyro
 
 from pyro_vae import ModelConfig, build_vae, evaluate_bounds, fit, load_dataset, prepare_split
-from pyro_vae.evaluation import latent_layers
-from pyro_vae.train import resolve_device
+from pyro_vae.inference import latent_layers
+from pyro_vae.training.loop import resolve_device
 
 
 def main(args: argparse.Namespace) -> list[dict]:

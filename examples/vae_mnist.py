@@ -30,7 +30,7 @@ import torch
 from torchvision.utils import save_image
 
 from pyro_vae import ModelConfig, build_vae, evaluate_bounds, fit, load_dataset, prepare_split
-from pyro_vae.train import resolve_device
+from pyro_vae.training.loop import resolve_device
 
 
 def save_grids(vae, test: torch.Tensor, image_shape: tuple[int, ...], out: Path) -> list[Path]:

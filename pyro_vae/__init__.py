@@ -6,45 +6,52 @@ q(z|x) and two networks, composed into the Pyro functions ``VAE.model`` and
 ``log_marginal`` judge them by importance-sampled log p(x).
 """
 
-from .binarization import prepare_split, resolve_binarize
-from .config import DataConfig, ModelConfig, TrainConfig
-from .data import DATASETS, DataError, Dataset, load_dataset
-from .evaluation import Bounds, evaluate_bounds, log_marginal, log_weights, traced_log_weights
-from .guides import (
+from .components import (
     GUIDES,
-    DiagonalNormal,
-    FlowDistribution,
-    GuideHead,
-    InverseAutoregressiveFlow,
-    LowRankNormal,
-)
-from .likelihoods import (
     LIKELIHOODS,
+    MLP,
+    NETWORKS,
+    PRIORS,
     Bernoulli,
     ContinuousBernoulli,
+    ConvDecoder,
+    ConvEncoder,
+    DiagonalNormal,
     DiscretizedLogistic,
+    EqualWeightMixture,
+    FlowDistribution,
     Gaussian,
     GaussianLearnedScale,
+    GuideHead,
+    InverseAutoregressiveFlow,
     Laplace,
-    Likelihood,
-    StudentT,
-)
-from .model import VAE, build_vae, data_plate
-from .nets import MLP, NETWORKS, ConvDecoder, ConvEncoder
-from .objectives import IWAE_ELBO, LOSSES, DeviceTrace_ELBO, MeanField_ELBO, make_loss
-from .priors import (
-    PRIORS,
-    EqualWeightMixture,
     LearnedNormal,
+    Likelihood,
+    LowRankNormal,
     MaskedAutoregressiveFlow,
     Mixture,
     Prior,
     StandardNormal,
+    StudentT,
     VampPrior,
 )
+from .config import DataConfig, ModelConfig, TrainConfig
+from .inference import Bounds, evaluate_bounds, log_marginal, log_weights, traced_log_weights
+from .io import (
+    DATASETS,
+    DataError,
+    Dataset,
+    Run,
+    load_dataset,
+    load_run,
+    prepare_split,
+    resolve_binarize,
+    save_run,
+)
+from .models import VAE, build_vae, data_plate
+from .objectives import IWAE_ELBO, LOSSES, DeviceTrace_ELBO, MeanField_ELBO, make_loss
 from .registry import Registry
-from .run import Run, load_run, save_run
-from .train import EpochRecord, FitResult, fit, mean_elbo
+from .training import EpochRecord, FitResult, fit, mean_elbo
 
 __version__ = "0.1.0"
 

@@ -44,10 +44,10 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torchvision.utils import make_grid
 
-from .binarization import prepare_split
-from .data import load_dataset
-from .evaluation import evaluate_bounds
-from .run import Run
+from .inference.importance import evaluate_bounds
+from .io.binarization import prepare_split
+from .io.data import load_dataset
+from .io.run import Run
 
 __all__ = [
     "PLOT_FILES",

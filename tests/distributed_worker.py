@@ -14,7 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from pyro_vae import cli, train
+from pyro_vae import cli
+from pyro_vae.training import loop as train
 
 
 def main(argv: list[str]) -> int:

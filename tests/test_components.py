@@ -9,7 +9,7 @@ import scipy.stats
 import torch
 
 from pyro_vae import LIKELIHOODS, PRIORS, ModelConfig, Registry, build_vae
-from pyro_vae.likelihoods import Bernoulli, Gaussian, GaussianLearnedScale
+from pyro_vae.components.likelihoods import Bernoulli, Gaussian, GaussianLearnedScale
 
 D = 5
 

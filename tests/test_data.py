@@ -1,4 +1,4 @@
-"""Tests for pyro_vae.data: readers on tiny files written here, loaders on fake data folders, user files."""
+"""Tests for pyro_vae.io.data: readers on tiny files written here, loaders on fake data folders, user files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae.data import (
+from pyro_vae.io.data import (
     DATASETS,
     DataError,
     Dataset,

@@ -16,9 +16,9 @@ import torch
 import torch.distributed
 
 from pyro_vae import TrainConfig, data_plate, make_loss
-from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.cli import main
-from pyro_vae.distributed import DataParallel, Shard, ShardedELBO, derive_seed, shard_indices
+from pyro_vae.training.distributed import DataParallel, Shard, ShardedELBO, derive_seed, shard_indices
+from pyro_vae.training.state import load_checkpoint
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),

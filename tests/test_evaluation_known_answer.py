@@ -1,4 +1,4 @@
-"""Known-answer tests for the importance-sampled log p(x) in :mod:`pyro_vae.evaluation`.
+"""Known-answer tests for the importance-sampled log p(x) in :mod:`pyro_vae.inference`.
 
 Every model here has a log p(x) we can compute without importance sampling:
 
@@ -26,7 +26,7 @@ import scipy.stats
 import torch
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from pyro_vae.evaluation import evaluate_bounds, log_marginal
+from pyro_vae.inference import evaluate_bounds, log_marginal
 
 
 @pytest.fixture(autouse=True)

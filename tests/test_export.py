@@ -15,8 +15,8 @@ from matplotlib import pyplot as plt
 
 from pyro_vae import __version__, load_run
 from pyro_vae.cli import main
-from pyro_vae.evaluation import log_marginal
-from pyro_vae.export import export_run, to_inference_data
+from pyro_vae.inference import log_marginal
+from pyro_vae.io.export import export_run, to_inference_data
 
 matplotlib.use("Agg")
 

@@ -16,8 +16,8 @@ import torch
 
 from pyro_vae import ModelConfig, TrainConfig, build_vae, fit, load_dataset, make_loss, prepare_split
 from pyro_vae.objectives import LOSSES, JitELBO
-from pyro_vae.optim import JointAdam
-from pyro_vae.train import AsyncSVI
+from pyro_vae.training.loop import AsyncSVI
+from pyro_vae.training.optim import JointAdam
 
 from .conftest import requires_cuda
 

@@ -10,7 +10,7 @@ from pyro import poutine
 from pyro.distributions.transforms import AffineAutoregressive
 
 from pyro_vae import ModelConfig, build_vae, log_weights
-from pyro_vae.guides import GUIDES, InverseAutoregressiveFlow, LowRankNormal
+from pyro_vae.components.guides import GUIDES, InverseAutoregressiveFlow, LowRankNormal
 
 FEATURE_DIM, LATENT_DIM = 5, 3
 

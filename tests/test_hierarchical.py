@@ -1,4 +1,4 @@
-"""Tests of :mod:`pyro_vae.hierarchical`: a VAE with stochastic layers z1 (next to x) ... zL.
+"""Tests of :mod:`pyro_vae.models.hierarchical`: a VAE with stochastic layers z1 (next to x) ... zL.
 
 * contracts of the model and both guides (sites, order, plate, shapes, replay, gradients, N/M scale,
   the ladder guide sharing the generative ``down`` layers);
@@ -22,9 +22,9 @@ from torch.distributions import MultivariateNormal, kl_divergence
 from torch.nn import functional as F
 
 from pyro_vae import ModelConfig, build_vae, fit, load_dataset, mean_elbo
-from pyro_vae.binarization import prepare_split
-from pyro_vae.evaluation import evaluate_bounds, log_marginal, traced_log_weights
-from pyro_vae.hierarchical import HierarchicalVAE
+from pyro_vae.inference import evaluate_bounds, log_marginal, traced_log_weights
+from pyro_vae.io.binarization import prepare_split
+from pyro_vae.models.hierarchical import HierarchicalVAE
 from pyro_vae.objectives import make_loss
 
 DATA_DIM = 16

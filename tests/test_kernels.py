@@ -9,8 +9,9 @@ import pyro
 import pytest
 import torch
 
-from pyro_vae import ModelConfig, build_vae, evaluate_bounds, kernels, load_dataset, prepare_split
-from pyro_vae.distributions import bernoulli_event_log_prob
+from pyro_vae import ModelConfig, build_vae, evaluate_bounds, load_dataset, prepare_split
+from pyro_vae.components import kernels
+from pyro_vae.components.distributions import bernoulli_event_log_prob
 
 # Inductor builds CPU kernels with a C++ compiler; without one the fused path falls back (with a warning).
 HAVE_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None
@@ -61,8 +62,8 @@ def test_auto_compiles_only_large_evaluations(monkeypatch):
         seen.append(enabled)
         return real(False)  # record the decision, run eagerly
 
-    monkeypatch.setattr("pyro_vae.evaluation.compiled_kernels", spy)
-    monkeypatch.setattr("pyro_vae.evaluation.AUTO_ROWS", 1000)
+    monkeypatch.setattr("pyro_vae.inference.importance.compiled_kernels", spy)
+    monkeypatch.setattr("pyro_vae.inference.importance.AUTO_ROWS", 1000)
     x = prepare_split(load_dataset("digits"), "test", mode="static")
     vae = build_vae(ModelConfig(data_dim=64, latent_dims=(3,), hidden_dims=(32,)))
     evaluate_bounds(vae.model, vae.guide, x[:4], num_samples=100, diagnostics=False)  # 400 rows

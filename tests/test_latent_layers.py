@@ -7,7 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.evaluation import latent_layers
+from pyro_vae.inference import latent_layers
 
 
 def two_site_model(x):

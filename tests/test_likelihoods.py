@@ -12,8 +12,8 @@ import torch
 from torch.nn import functional as F
 
 from pyro_vae import LIKELIHOODS
-from pyro_vae import distributions as vae_dist
-from pyro_vae.likelihoods import ContinuousBernoulli, DiscretizedLogistic, Laplace, StudentT
+from pyro_vae.components import distributions as vae_dist
+from pyro_vae.components.likelihoods import ContinuousBernoulli, DiscretizedLogistic, Laplace, StudentT
 
 D = 5
 LEVELS = torch.arange(256, dtype=torch.float64) / 255  # [256]

@@ -21,7 +21,7 @@ from pyro_vae import (
     ModelConfig,
     build_vae,
 )
-from pyro_vae.model import data_plate
+from pyro_vae.models import data_plate
 
 DATA_DIM, LATENT_DIM, IMAGE_SHAPE = 64, 3, (8, 8)
 

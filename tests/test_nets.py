@@ -11,7 +11,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from pyro_vae import ModelConfig, build_vae
-from pyro_vae.nets import NETWORKS, ConvDecoder, ConvEncoder, conv_networks
+from pyro_vae.components.nets import NETWORKS, ConvDecoder, ConvEncoder, conv_networks
 
 LATENT_DIM = 3
 

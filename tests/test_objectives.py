@@ -13,7 +13,7 @@ from pyro import poutine
 
 from pyro_vae import LOSSES, ModelConfig, TrainConfig, build_vae, evaluate_bounds, fit, make_loss
 from pyro_vae.objectives import LatentWeight, scale_latents
-from pyro_vae.train import warmup_weight
+from pyro_vae.training.loop import warmup_weight
 
 
 def small_vae():
@@ -157,5 +157,5 @@ def test_config_rejects_beta_with_iwae_and_bad_values():
         TrainConfig(beta=-1.0)
     with pytest.raises(ValueError, match="warmup_epochs must be a non-negative integer"):
         TrainConfig(warmup_epochs=-2)
-    with pytest.raises(ValueError, match="unknown loss 'renyi'; choose one of: elbo, mean-field, iwae"):
+    with pytest.raises(ValueError, match="unknown loss 'renyi'; choose one of: elbo, iwae, mean-field"):
         make_loss("renyi")

@@ -17,8 +17,8 @@ from pyro.infer import SVI
 from torch import nn
 
 from pyro_vae import PRIORS, ModelConfig, build_vae
+from pyro_vae.components.priors import EqualWeightMixture, VampPrior
 from pyro_vae.objectives import make_loss
-from pyro_vae.priors import EqualWeightMixture, VampPrior
 
 DATA_DIM = 8
 # Small components keep the grids cheap; any prior not named here is built with its defaults.

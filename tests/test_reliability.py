@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from pyro_vae import DataError, ModelConfig, build_vae, fit, load_dataset, make_loss, prepare_split
-from pyro_vae.checkpoint import load_checkpoint
 from pyro_vae.cli import main
-from pyro_vae.data import read_amat, read_idx
-from pyro_vae.train import AsyncSVI
+from pyro_vae.io.data import read_amat, read_idx
+from pyro_vae.training.loop import AsyncSVI
+from pyro_vae.training.state import load_checkpoint
 
 SMALL = ["--hidden-dims", "32", "--latent-dims", "4", "--batch-size", "64", "--eval-samples", "0"]
 RUN = [sys.executable, "-m", "pyro_vae", "train", *SMALL, "--checkpoint-every", "3"]

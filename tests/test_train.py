@@ -10,7 +10,7 @@ from pyro.infer import Trace_ELBO
 
 from pyro_vae import ModelConfig, build_vae, fit, load_dataset, make_loss, mean_elbo, prepare_split
 from pyro_vae.objectives import DeviceTrace_ELBO
-from pyro_vae.train import resolve_device
+from pyro_vae.training.loop import resolve_device
 
 from .conftest import requires_cuda
 

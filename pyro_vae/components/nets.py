@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .registry import Registry
+from ..registry import Registry
 
 __all__ = [
     "ACTIVATIONS",

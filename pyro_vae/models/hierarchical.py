@@ -39,11 +39,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .guides import GuideHead
-from .likelihoods import Likelihood
-from .model import data_plate
-from .nets import MLP
-from .priors import Prior
+from ..components.guides import GuideHead
+from ..components.likelihoods import Likelihood
+from ..components.nets import MLP
+from ..components.priors import Prior
+from .plate import data_plate
 
 __all__ = ["GaussianLayer", "HierarchicalVAE"]
 

@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from ._io import write_atomic, write_text_atomic
-from ._typing import DeviceLike
+from .._typing import DeviceLike
+from ..config import DataConfig, ModelConfig, TrainConfig
+from ..files import write_atomic, write_text_atomic
+from ..models.build import build_vae
+from ..models.vae import VAE
+from ..training.loop import EpochRecord
 from .binarization import prepare_split
-from .config import DataConfig, ModelConfig, TrainConfig
 from .data import load_dataset
-from .model import VAE, build_vae
-from .train import EpochRecord
 
 __all__ = ["FORMAT", "Run", "is_run_dir", "load_run", "save_config", "save_evaluation", "save_run"]
 

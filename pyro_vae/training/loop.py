@@ -24,13 +24,13 @@ from pyro import poutine
 from pyro.infer import SVI
 from tqdm.auto import tqdm
 
-from ._typing import DeviceLike
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .config import ModelConfig, TrainConfig
+from .._typing import DeviceLike
+from ..config import ModelConfig, TrainConfig
+from ..models.vae import VAE
+from ..objectives import LatentWeight, make_loss, scale_latents
 from .distributed import DataParallel, Shard, ShardedELBO, Stream, derive_seed, process_group, run_on_main
-from .model import VAE
-from .objectives import LatentWeight, make_loss, scale_latents
 from .optim import JointAdam
+from .state import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 
 __all__ = ["AsyncSVI", "EpochRecord", "FitResult", "fit", "mean_elbo", "resolve_device", "warmup_weight"]
 

@@ -46,16 +46,10 @@ import xarray
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
-from ._typing import DeviceLike, ModelFn
-from .evaluation import (
-    _MIN_SAMPLES_FOR_KHAT,
-    _ROWS_PER_PASS,
-    _max_plate_nesting,
-    _psis_khat,
-    _site_log_density,
-    check_sampling_args,
-    traced_log_weights,
-)
+from .._typing import DeviceLike, ModelFn
+from ..inference.importance import check_sampling_args
+from ..inference.psis import MIN_SAMPLES_FOR_KHAT, psis_khat
+from ..inference.traces import ROWS_PER_PASS, plate_nesting, site_log_density, traced_log_weights
 
 __all__ = ["export_run", "to_inference_data"]
 
@@ -93,7 +87,7 @@ def _one_pass(model: ModelFn, guide: ModelFn, x: torch.Tensor, *, num_samples: i
     particle_dim = -nesting - 1
 
     def log_density(site: dict[str, Any]) -> torch.Tensor:
-        log_p = _site_log_density(site, particle_dim=particle_dim).double()  # [K or 1, n or 1]
+        log_p = site_log_density(site, particle_dim=particle_dim).double()  # [K or 1, n or 1]
         return log_p.expand(num_samples, x.shape[0])
 
     guide_sites = [s for s in guide_trace.nodes.values() if s["type"] == "sample" and not s["is_observed"]]
@@ -137,7 +131,7 @@ def _draw(
     # The loop of evaluate_bounds (data chunks outside, particle chunks inside), so that the same seed and
     # chunk sizes consume the random stream identically and give its samples.
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block():
-        nesting = _max_plate_nesting(model, guide, (x[:1],), {})
+        nesting = plate_nesting(model, guide, (x[:1],), {})
         chunks = [
             _cat(
                 [
@@ -202,7 +196,7 @@ def to_inference_data(
             "data_indices must not repeat an index: each labels one data point in the 'datum' coords"
         )
     chunk_size = min(chunk_size, num_samples)
-    data_chunk_size = data_chunk_size or max(1, _ROWS_PER_PASS // chunk_size)
+    data_chunk_size = data_chunk_size or max(1, ROWS_PER_PASS // chunk_size)
 
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
@@ -214,8 +208,8 @@ def to_inference_data(
     log_lik = sum(draws.log_lik.values(), torch.zeros_like(draws.log_q))
     log_w = log_lik + draws.log_prior - draws.log_q  # [K, n]
     log_px = torch.logsumexp(log_w, 0) - math.log(num_samples)
-    if num_samples >= _MIN_SAMPLES_FOR_KHAT:
-        khat = _psis_khat(log_w)
+    if num_samples >= MIN_SAMPLES_FOR_KHAT:
+        khat = psis_khat(log_w)
     else:
         khat = torch.full((x.shape[0],), math.nan, dtype=torch.float64)
 
@@ -254,7 +248,7 @@ def to_inference_data(
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

@@ -26,19 +26,21 @@ from typing import Any
 import pyro
 import torch
 
-from .binarization import prepare_split, resolve_binarize
-from .config import BINARIZE_MODES, DEVICES, INFERENCE, DataConfig, ModelConfig, TrainConfig
-from .data import DATASETS, load_dataset
-from .distributed import DataParallel, Stream, process_group, run_on_main, torchrun_process_group
-from .evaluation import Bounds, evaluate_bounds, latent_layers
-from .guides import GUIDES
-from .likelihoods import LIKELIHOODS
-from .model import build_vae
-from .nets import ACTIVATIONS, NETWORKS
-from .objectives import LOSSES
-from .priors import PRIORS
-from .run import is_run_dir, load_run, save_config, save_evaluation, save_run
-from .train import fit, resolve_device
+from ..components.guides import GUIDES
+from ..components.likelihoods import LIKELIHOODS
+from ..components.nets import ACTIVATIONS, NETWORKS
+from ..components.priors import PRIORS
+from ..config import BINARIZE_MODES, DEVICES, INFERENCE, DataConfig, ModelConfig, TrainConfig
+from ..inference.bounds import Bounds
+from ..inference.importance import evaluate_bounds
+from ..inference.layers import latent_layers
+from ..io.binarization import prepare_split, resolve_binarize
+from ..io.data import DATASETS, load_dataset
+from ..io.run import is_run_dir, load_run, save_config, save_evaluation, save_run
+from ..models.build import build_vae
+from ..objectives import LOSSES
+from ..training.distributed import DataParallel, Stream, process_group, run_on_main, torchrun_process_group
+from ..training.loop import fit, resolve_device
 
 __all__ = ["format_report", "main"]
 
@@ -537,7 +539,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
 
 
 def _export_command(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from ..io.export import export_run
 
     path = export_run(
         args.run_dir,
@@ -555,7 +557,7 @@ def _export_command(args: argparse.Namespace) -> int:
 
 
 def _plot_command(args: argparse.Namespace) -> int:
-    from .plots import plot_run
+    from ..plots import plot_run
 
     run = load_run(args.run_dir, device=resolve_device(args.device))
     out = Path(args.out) if args.out else Path(args.run_dir) / "plots"
@@ -567,7 +569,7 @@ def _plot_command(args: argparse.Namespace) -> int:
 
 
 def _sample_command(args: argparse.Namespace) -> int:
-    from .plots import save_sample_grid
+    from ..plots import save_sample_grid
 
     run = load_run(args.run_dir, device=resolve_device(args.device))
     path = save_sample_grid(

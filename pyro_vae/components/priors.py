@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
-from .registry import Registry
+from ..registry import Registry
 
 __all__ = [
     "PRIORS",

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..registry import Registry
 from . import distributions as vae_dist
-from .registry import Registry
 
 __all__ = [
     "LIKELIHOODS",

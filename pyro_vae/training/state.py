@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import write_atomic
+from ..files import write_atomic
 
 __all__ = ["FORMAT", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .registry import Registry
+from ..registry import Registry
 
 __all__ = [
     "DATASETS",

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributions.transforms import Transform
 from torch.nn import functional as F
 
-from .registry import Registry
+from ..registry import Registry
 
 __all__ = [
     "GUIDES",

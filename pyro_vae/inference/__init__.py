@@ -1,0 +1,19 @@
+"""Evaluators: per-datum log-weights from traces, importance-sampled bounds on log p(x), PSIS, per-layer KL."""
+
+from .bounds import Bounds, default_iwae_ks
+from .importance import check_sampling_args, evaluate_bounds, log_marginal
+from .layers import latent_layers
+from .psis import psis_khat
+from .traces import log_weights, traced_log_weights
+
+__all__ = [
+    "Bounds",
+    "check_sampling_args",
+    "default_iwae_ks",
+    "evaluate_bounds",
+    "latent_layers",
+    "log_marginal",
+    "log_weights",
+    "psis_khat",
+    "traced_log_weights",
+]
