@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import PyroVAEError
+
 __all__ = ["BINARIZE_MODES", "DEVICES", "INFERENCE", "DataConfig", "ModelConfig", "TrainConfig"]
 
 BINARIZE_MODES = ("auto", "none", "static", "dynamic")
@@ -22,14 +24,14 @@ DEVICES = ("auto", "cpu", "cuda")
 
 def _positive_int(owner: str, name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+        raise PyroVAEError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
 def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(
+        raise PyroVAEError(
             f"{cls.__name__} has no field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
         )
     return cls(**data)
@@ -73,19 +75,19 @@ class ModelConfig:
             object.__setattr__(self, "image_shape", tuple(self.image_shape))
         _positive_int("ModelConfig", "data_dim", self.data_dim)
         if not self.latent_dims:
-            raise ValueError("ModelConfig.latent_dims needs at least one latent size")
+            raise PyroVAEError("ModelConfig.latent_dims needs at least one latent size")
         for d in self.latent_dims:
             _positive_int("ModelConfig", "latent_dims", d)
         if not self.hidden_dims:
-            raise ValueError("ModelConfig.hidden_dims needs at least one hidden width, e.g. (400,)")
+            raise PyroVAEError("ModelConfig.hidden_dims needs at least one hidden width, e.g. (400,)")
         for h in self.hidden_dims:
             _positive_int("ModelConfig", "hidden_dims", h)
         if self.inference not in INFERENCE:
-            raise ValueError(
+            raise PyroVAEError(
                 f"ModelConfig.inference must be one of {', '.join(INFERENCE)}, got {self.inference!r}"
             )
         if self.image_shape is not None and math.prod(self.image_shape) != self.data_dim:
-            raise ValueError(
+            raise PyroVAEError(
                 f"ModelConfig.image_shape {self.image_shape} holds {math.prod(self.image_shape)} values, "
                 f"but data_dim is {self.data_dim}"
             )
@@ -133,48 +135,48 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "num_particles"):
             _positive_int("TrainConfig", name, getattr(self, name))
         if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"TrainConfig.beta must be a non-negative number, got {self.beta!r}")
+            raise PyroVAEError(f"TrainConfig.beta must be a non-negative number, got {self.beta!r}")
         if (
             isinstance(self.warmup_epochs, bool)
             or not isinstance(self.warmup_epochs, int)
             or self.warmup_epochs < 0
         ):
-            raise ValueError(
+            raise PyroVAEError(
                 f"TrainConfig.warmup_epochs must be a non-negative integer, got {self.warmup_epochs!r}"
             )
         if self.clip_norm is not None and not (
             isinstance(self.clip_norm, int | float) and math.isfinite(self.clip_norm) and self.clip_norm > 0
         ):
-            raise ValueError(
+            raise PyroVAEError(
                 f"TrainConfig.clip_norm must be a positive number or None, got {self.clip_norm!r}"
             )
         if self.loss == "iwae" and (self.beta != 1 or self.warmup_epochs):
-            raise ValueError(
+            raise PyroVAEError(
                 "beta and warm-up weight the KL term of the ELBO, which the iwae bound does not have; "
                 "use --loss elbo or mean-field with --beta, or drop --beta/--warmup-epochs"
             )
         for name in ("fused_adam", "jit"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+                raise PyroVAEError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.jit and self.warmup_epochs:
-            raise ValueError(
+            raise PyroVAEError(
                 "the jit-compiled loss is traced once, so it cannot follow a KL weight that changes every "
                 "step; use --no-jit with --warmup-epochs, or drop the warm-up"
             )
         if self.shards is not None:
             _positive_int("TrainConfig", "shards", self.shards)
             if self.batch_size % self.shards:
-                raise ValueError(
+                raise PyroVAEError(
                     f"the minibatch of {self.batch_size} points cannot be cut into {self.shards} equal shards; "
                     f"use a --batch-size that is a multiple of {self.shards} (it is the global minibatch, "
                     "over all processes)"
                 )
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+            raise PyroVAEError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
+            raise PyroVAEError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
-            raise ValueError(
+            raise PyroVAEError(
                 f"TrainConfig.device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}"
             )
 
@@ -197,7 +199,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.binarize not in BINARIZE_MODES:
-            raise ValueError(
+            raise PyroVAEError(
                 f"DataConfig.binarize must be one of {', '.join(BINARIZE_MODES)}, got {self.binarize!r}"
             )
 

@@ -44,6 +44,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 from torchvision.utils import make_grid
 
+from .errors import PyroVAEError
 from .inference.importance import evaluate_bounds
 from .io.binarization import prepare_split
 from .io.data import load_dataset
@@ -104,7 +105,7 @@ def _z1(vae: nn.Module) -> str:
 def _image_shape(run: Run) -> tuple[int, ...]:
     shape = run.model_config.image_shape
     if shape is None:
-        raise ValueError(
+        raise PyroVAEError(
             f"the data of {run.path} ({run.data_config.dataset}) are not images (the run has no image_shape), "
             "so there is nothing to draw as a picture; plot_elbo_curves, plot_latent_space and plot_khat "
             "work for any data"
@@ -120,7 +121,7 @@ def _split(run: Run, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _checked_index(index: int, n: int, name: str) -> int:
     if not -n <= index < n:
-        raise ValueError(f"{name}={index} is out of range for a split of {n} data points")
+        raise PyroVAEError(f"{name}={index} is out of range for a split of {n} data points")
     return index % n
 
 
@@ -168,9 +169,9 @@ def _as_images(x: torch.Tensor, image_shape: Sequence[int]) -> torch.Tensor:
     if len(shape) == 2:
         shape = (1, *shape)
     if len(shape) != 3 or shape[0] not in (1, 3):
-        raise ValueError(f"image_shape must be (H, W) or (C, H, W) with 1 or 3 channels, got {image_shape}")
+        raise PyroVAEError(f"image_shape must be (H, W) or (C, H, W) with 1 or 3 channels, got {image_shape}")
     if x.shape[-1] != math.prod(shape):
-        raise ValueError(f"rows of {x.shape[-1]} values cannot be shown as images of shape {image_shape}")
+        raise PyroVAEError(f"rows of {x.shape[-1]} values cannot be shown as images of shape {image_shape}")
     return x.detach().float().cpu().reshape(-1, *shape)
 
 
@@ -260,7 +261,7 @@ def plot_elbo_curves(run: Run, path: PathLike) -> Path:
     flatten the rest), and the title says so.
     """
     if not run.history:
-        raise ValueError(f"{run.path} has no training history (metrics.csv is empty); train the run first")
+        raise PyroVAEError(f"{run.path} has no training history (metrics.csv is empty); train the run first")
     epochs = [r.epoch for r in run.history]
     fig = Figure(figsize=(7.5, 4.5), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
@@ -304,7 +305,7 @@ def plot_reconstructions(run: Run, path: PathLike, *, num: int = 16, split: str 
     """The first ``num`` data points of ``split`` above their reconstructions, the mean of p(x | z) at E_q[z | x]."""
     image_shape = _image_shape(run)
     if num < 1:
-        raise ValueError(f"num must be a positive integer, got {num}")
+        raise PyroVAEError(f"num must be a positive integer, got {num}")
     x = _split(run, split)[0][:num]
     with torch.no_grad():
         recon = run.vae.reconstruct(x.to(_device(run.vae))).cpu()
@@ -348,9 +349,9 @@ def save_sample_grid(
     same seed gives the same grid, and the caller's random stream is untouched.
     """
     if image_shape is None:
-        raise ValueError("the data of this model are not images (no image_shape), so samples cannot be drawn")
+        raise PyroVAEError("the data of this model are not images (no image_shape), so samples cannot be drawn")
     if num < 1:
-        raise ValueError(f"num must be a positive integer, got {num}")
+        raise PyroVAEError(f"num must be a positive integer, got {num}")
     images = _as_images(_seeded_samples(vae, num, seed), image_shape)
     nrow = math.ceil(math.sqrt(num))
     fig = _grid_figure(math.ceil(num / nrow), nrow, extra_width=0.3, extra_height=0.9)
@@ -396,7 +397,7 @@ def plot_latent_space(run: Run, path: PathLike, *, split: str = "test", max_poin
     heights when there are no labels). Works for data that are not images.
     """
     if max_points < 1:
-        raise ValueError(f"max_points must be a positive integer, got {max_points}")
+        raise PyroVAEError(f"max_points must be a positive integer, got {max_points}")
     x, labels = _split(run, split)
     x = x[:max_points]
     labels_np = None if labels is None else labels[:max_points].numpy()
@@ -447,12 +448,12 @@ def plot_manifold(run: Run, path: PathLike, *, steps: int = 15) -> Path:
     image_shape = _image_shape(run)
     top = run.model_config.latent_dims[-1]
     if top != 2:
-        raise ValueError(
+        raise PyroVAEError(
             f"the manifold is drawn only for a 2-D latent, and this run's prior is over {top} dimensions; "
             "use plot_latent_space or plot_traversals for it"
         )
     if steps < 2:
-        raise ValueError(f"steps must be at least 2, got {steps}")
+        raise PyroVAEError(f"steps must be at least 2, got {steps}")
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, steps))  # [steps]
     # Row i from the top holds the i-th largest second coordinate, so "up" in the picture is up in z.
     second, first = torch.meshgrid(q.flip(0), q, indexing="ij")
@@ -500,9 +501,9 @@ def plot_traversals(
     """
     image_shape = _image_shape(run)
     if steps < 2:
-        raise ValueError(f"steps must be at least 2, got {steps}")
+        raise PyroVAEError(f"steps must be at least 2, got {steps}")
     if not span > 0:
-        raise ValueError(f"span must be positive, got {span}")
+        raise PyroVAEError(f"span must be positive, got {span}")
     x = _split(run, "test")[0]
     index = _checked_index(index, len(x), "index")
     means = _posterior_mean_z1(run.vae, x[:1000])  # [n, d]
@@ -515,7 +516,7 @@ def plot_traversals(
         dims = [int(j) for j in dims]
         bad = [j for j in dims if not 0 <= j < d]
         if bad or not dims:
-            raise ValueError(f"dims must be a non-empty list of indices in 0..{d - 1}, got {dims}")
+            raise PyroVAEError(f"dims must be a non-empty list of indices in 0..{d - 1}, got {dims}")
         selection = ""
     base = _posterior_mean_z1(run.vae, x[index : index + 1])[0]  # [d]
     offsets = torch.linspace(-span, span, steps)
@@ -550,7 +551,7 @@ def plot_interpolation(
     """The means of p(x | z1) along the straight line from E_q[z1 | x_a] to E_q[z1 | x_b], between x_a and x_b."""
     image_shape = _image_shape(run)
     if steps < 2:
-        raise ValueError(f"steps must be at least 2, got {steps}")
+        raise PyroVAEError(f"steps must be at least 2, got {steps}")
     x = _split(run, "test")[0]
     a, b = _checked_index(index_a, len(x), "index_a"), _checked_index(index_b, len(x), "index_b")
     ends = _posterior_mean_z1(run.vae, x[[a, b]])  # [2, d]
@@ -581,11 +582,11 @@ def plot_khat(run: Run, path: PathLike, *, num_samples: int = 500, limit: int = 
     counted above 0.7 but not drawn. Works for data that are not images.
     """
     if num_samples < _MIN_KHAT_SAMPLES:
-        raise ValueError(
+        raise PyroVAEError(
             f"num_samples must be at least {_MIN_KHAT_SAMPLES} for PSIS to fit a tail, got {num_samples}"
         )
     if limit < 1:
-        raise ValueError(f"limit must be a positive integer, got {limit}")
+        raise PyroVAEError(f"limit must be a positive integer, got {limit}")
     import arviz
 
     x = _split(run, "test")[0][:limit].to(_device(run.vae))
@@ -643,7 +644,7 @@ def plot_run(
     use the test split. Returns the paths written, in :data:`PLOT_FILES` order.
     """
     if khat_samples != 0 and khat_samples < _MIN_KHAT_SAMPLES:
-        raise ValueError(f"khat_samples must be 0 (skip) or at least {_MIN_KHAT_SAMPLES}, got {khat_samples}")
+        raise PyroVAEError(f"khat_samples must be 0 (skip) or at least {_MIN_KHAT_SAMPLES}, got {khat_samples}")
     out = Path(out_dir)
     note = log or (lambda _: None)
     skipped: set[str] = set()

@@ -13,6 +13,8 @@ import inspect
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from .errors import PyroVAEError
+
 __all__ = ["Registry"]
 
 T = TypeVar("T")
@@ -32,13 +34,13 @@ class Registry(Generic[T]):
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that adds the decorated component under ``name``."""
         if not name or name != name.strip().lower() or " " in name:
-            raise ValueError(f"{self.kind} names are lower-case kebab-case, got {name!r}")
+            raise PyroVAEError(f"{self.kind} names are lower-case kebab-case, got {name!r}")
 
         def add(component: T) -> T:
             if name in self._entries:
-                raise ValueError(f"a {self.kind} named {name!r} is already registered")
+                raise PyroVAEError(f"a {self.kind} named {name!r} is already registered")
             if not inspect.getdoc(component):
-                raise ValueError(f"{self.kind} {name!r} needs a docstring: its first line is its description")
+                raise PyroVAEError(f"{self.kind} {name!r} needs a docstring: its first line is its description")
             self._entries[name] = component
             # The component knows its own registered name (used in configs and messages).
             component.registered_name = name
@@ -51,7 +53,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise ValueError(
+            raise PyroVAEError(
                 f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
             ) from None
 

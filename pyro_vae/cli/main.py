@@ -31,6 +31,7 @@ from ..components.likelihoods import LIKELIHOODS
 from ..components.nets import ACTIVATIONS, NETWORKS
 from ..components.priors import PRIORS
 from ..config import BINARIZE_MODES, DEVICES, INFERENCE, DataConfig, ModelConfig, TrainConfig
+from ..errors import PyroVAEError
 from ..inference.bounds import Bounds
 from ..inference.importance import evaluate_bounds
 from ..inference.layers import latent_layers
@@ -425,13 +426,13 @@ def _train(args: argparse.Namespace, *, device: torch.device | None = None) -> i
         out = Path(args.out or f"runs/{Path(args.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
         checkpoint = out / "checkpoint.pt"
         if args.resume and args.overwrite:
-            raise ValueError(
+            raise PyroVAEError(
                 "--resume continues the run in --out and --overwrite replaces it; pass one of them"
             )
         if args.resume and not checkpoint.is_file():
-            raise ValueError(f"{out} holds no checkpoint.pt to resume; train without --resume")
+            raise PyroVAEError(f"{out} holds no checkpoint.pt to resume; train without --resume")
         if is_run_dir(out) and not (args.overwrite or args.resume):
-            raise ValueError(
+            raise PyroVAEError(
                 f"{out} already holds a run; choose another --out, or pass --resume or --overwrite"
             )
         if args.overwrite:
@@ -442,7 +443,7 @@ def _train(args: argparse.Namespace, *, device: torch.device | None = None) -> i
     out = run_on_main(run_folder)
     checkpoint = out / "checkpoint.pt"
     if args.eval_samples < 0:
-        raise ValueError(f"--eval-samples must be 0 (skip) or a positive integer, got {args.eval_samples}")
+        raise PyroVAEError(f"--eval-samples must be 0 (skip) or a positive integer, got {args.eval_samples}")
     device = resolve_device(args.device) if device is None else device
 
     pyro.set_rng_seed(args.seed)

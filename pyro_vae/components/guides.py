@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributions.transforms import Transform
 from torch.nn import functional as F
 
+from ..errors import PyroVAEError
 from ..registry import Registry
 
 __all__ = [
@@ -35,7 +36,7 @@ class GuideHead(nn.Module):
     def __init__(self, *, feature_dim: int, latent_dim: int) -> None:
         super().__init__()
         if feature_dim < 1 or latent_dim < 1:
-            raise ValueError(
+            raise PyroVAEError(
                 f"feature_dim and latent_dim must be positive integers, got {feature_dim} and {latent_dim}"
             )
         self.feature_dim = feature_dim
@@ -85,7 +86,7 @@ class LowRankNormal(GuideHead):
     def __init__(self, *, feature_dim: int, latent_dim: int, rank: int = 2) -> None:
         super().__init__(feature_dim=feature_dim, latent_dim=latent_dim)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= latent_dim:
-            raise ValueError(
+            raise PyroVAEError(
                 f"rank must be an integer between 1 and latent_dim={latent_dim}, got {rank!r}; "
                 "a rank above latent_dim adds nothing a full covariance could not express"
             )
@@ -154,13 +155,13 @@ class InverseAutoregressiveFlow(GuideHead):
     ) -> None:
         super().__init__(feature_dim=feature_dim, latent_dim=latent_dim)
         if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
-            raise ValueError(
+            raise PyroVAEError(
                 f"num_flows must be a positive integer, got {num_flows!r}; use the diagonal guide for no flow"
             )
         # Pyro's default MADE width; a MADE layer narrower than d cannot connect every output.
         hidden_dim = 10 * latent_dim if hidden_dim is None else hidden_dim
         if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < latent_dim:
-            raise ValueError(
+            raise PyroVAEError(
                 f"hidden_dim must be an integer of at least latent_dim={latent_dim}, got {hidden_dim!r}"
             )
         self.num_flows = num_flows

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import PyroVAEError
 from ..registry import Registry
 from . import distributions as vae_dist
 
@@ -53,7 +54,7 @@ class Likelihood(nn.Module):
     def __init__(self, *, data_dim: int) -> None:
         super().__init__()
         if data_dim < 1:
-            raise ValueError(f"data_dim must be a positive integer, got {data_dim}")
+            raise PyroVAEError(f"data_dim must be a positive integer, got {data_dim}")
         self.data_dim = data_dim
 
     def forward(self, decoder_output: torch.Tensor) -> dist.Distribution:
@@ -62,19 +63,19 @@ class Likelihood(nn.Module):
     def check_data(self, x: torch.Tensor) -> None:
         """Raise ValueError when ``x`` [N, D] lies outside this likelihood's support."""
         if x.shape[-1] != self.data_dim:
-            raise ValueError(
+            raise PyroVAEError(
                 f"the {self.registered_name} likelihood was built for {self.data_dim} values per data point, "
                 f"but the data have {x.shape[-1]}; rebuild the model for this data"
             )
         bad = ~torch.isfinite(x)
         if bad.any():
-            raise ValueError(
+            raise PyroVAEError(
                 f"the data hold {int(bad.sum())} NaN or infinite values; clean or drop those data points"
             )
         if self.binary_data:
             nonbinary = x[(x != 0) & (x != 1)]
             if nonbinary.numel():
-                raise ValueError(
+                raise PyroVAEError(
                     f"the {self.registered_name} likelihood needs binary data (each value 0 or 1), but "
                     f"{nonbinary.numel()} values are not ({_examples(nonbinary)}); pass --binarize dynamic "
                     "or --binarize static, or choose a likelihood for grey values such as gaussian"
@@ -104,7 +105,7 @@ class Gaussian(Likelihood):
     def __init__(self, *, data_dim: int, scale: float = 0.1) -> None:
         super().__init__(data_dim=data_dim)
         if not scale > 0:
-            raise ValueError(f"the gaussian likelihood's scale must be positive, got {scale}")
+            raise PyroVAEError(f"the gaussian likelihood's scale must be positive, got {scale}")
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     def forward(self, decoder_output: torch.Tensor) -> dist.Distribution:
@@ -122,7 +123,7 @@ class _LearnedScale(Likelihood):
     def __init__(self, *, data_dim: int, min_scale: float = 1e-3) -> None:
         super().__init__(data_dim=data_dim)
         if not min_scale > 0:
-            raise ValueError(
+            raise PyroVAEError(
                 f"the {self.registered_name} likelihood's min_scale must be positive, got {min_scale}"
             )
         self.min_scale = float(min_scale)
@@ -180,7 +181,7 @@ class StudentT(_LearnedScale):
     def __init__(self, *, data_dim: int, df: float = 3.0, min_scale: float = 1e-3) -> None:
         super().__init__(data_dim=data_dim, min_scale=min_scale)
         if not df > 1:
-            raise ValueError(
+            raise PyroVAEError(
                 f"the student-t likelihood's df must exceed 1 (its mean, used for reconstructions, is "
                 f"undefined otherwise), got {df}"
             )
@@ -215,7 +216,7 @@ class ContinuousBernoulli(Likelihood):
         super().check_data(x)
         outside = x[(x < 0) | (x > 1)]
         if outside.numel():
-            raise ValueError(
+            raise PyroVAEError(
                 f"the {self.registered_name} likelihood needs values in [0, 1], but {outside.numel()} values "
                 f"are outside ({_examples(outside)}); rescale the data to [0, 1] or choose a likelihood "
                 "for real values such as gaussian-learned-scale"
@@ -248,7 +249,7 @@ class DiscretizedLogistic(Likelihood):
     def __init__(self, *, data_dim: int, min_log_scale: float = -7.0) -> None:
         super().__init__(data_dim=data_dim)
         if not -20 <= min_log_scale <= 5:
-            raise ValueError(
+            raise PyroVAEError(
                 f"the discretized-logistic likelihood's min_log_scale is a natural log of a scale on [0, 1] "
                 f"and should lie in [-20, 5], got {min_log_scale}"
             )
@@ -263,7 +264,7 @@ class DiscretizedLogistic(Likelihood):
         super().check_data(x)
         off_grid = x[~vae_dist.eight_bit.check(x)]
         if off_grid.numel():
-            raise ValueError(
+            raise PyroVAEError(
                 f"the {self.registered_name} likelihood needs 8-bit images scaled by /255 (each value k/255 "
                 f"for an integer k in 0..255), but {off_grid.numel()} values are not ({_examples(off_grid)}); "
                 "load the raw 8-bit pixels and divide by 255, or choose a likelihood for continuous values "

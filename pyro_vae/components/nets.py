@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..errors import PyroVAEError
 from ..registry import Registry
 
 __all__ = [
@@ -50,7 +51,7 @@ def activation_class(name: str) -> type[nn.Module]:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}") from None
+        raise PyroVAEError(f"unknown activation {name!r}; choose one of: {', '.join(ACTIVATIONS)}") from None
 
 
 # Channels of the conv encoder's stride-2 layers (the decoder mirrors them): 28x28 -> 14x14 -> 7x7.
@@ -75,12 +76,12 @@ class MLP(nn.Sequential):
         activation: type[nn.Module] = nn.Softplus,
     ) -> None:
         if in_dim < 1 or any(h < 1 for h in hidden_dims) or (out_dim is not None and out_dim < 1):
-            raise ValueError(
+            raise PyroVAEError(
                 f"layer widths must be positive integers, got in_dim={in_dim}, hidden_dims={list(hidden_dims)}, "
                 f"out_dim={out_dim}"
             )
         if out_dim is None and not hidden_dims:
-            raise ValueError("an MLP without out_dim needs at least one hidden layer to produce features")
+            raise PyroVAEError("an MLP without out_dim needs at least one hidden layer to produce features")
         layers: list[nn.Module] = []
         width = in_dim
         for hidden in hidden_dims:
@@ -117,7 +118,7 @@ def mlp_networks(
 def _image_shape(image_shape: Sequence[int] | None, data_dim: int | None = None) -> tuple[int, int, int]:
     """``image_shape`` as (C, H, W), checked against ``data_dim`` when given."""
     if image_shape is None:
-        raise ValueError(
+        raise PyroVAEError(
             "the conv network needs image data (image_shape=(H, W)), got image_shape=None; "
             "for flat data use the fully connected network (--encoder mlp)"
         )
@@ -125,9 +126,9 @@ def _image_shape(image_shape: Sequence[int] | None, data_dim: int | None = None)
     if len(shape) == 2:
         shape = (1, *shape)
     if len(shape) != 3 or any(not isinstance(s, int) or s < 1 for s in shape):
-        raise ValueError(f"image_shape must be (H, W) or (C, H, W) of positive integers, got {image_shape}")
+        raise PyroVAEError(f"image_shape must be (H, W) or (C, H, W) of positive integers, got {image_shape}")
     if data_dim is not None and math.prod(shape) != data_dim:
-        raise ValueError(
+        raise PyroVAEError(
             f"image_shape {tuple(image_shape)} holds {math.prod(shape)} values, not data_dim={data_dim}"
         )
     return shape  # type: ignore[return-value]
@@ -159,7 +160,7 @@ class ConvEncoder(nn.Module):
         super().__init__()
         self.image_shape = _image_shape(image_shape)
         if not channels or any(c < 1 for c in channels):
-            raise ValueError(f"channels must be a non-empty list of positive widths, got {list(channels)}")
+            raise PyroVAEError(f"channels must be a non-empty list of positive widths, got {list(channels)}")
         in_channels, height, width = self.image_shape
         layers: list[nn.Module] = []
         for c_in, c_out in zip([in_channels, *channels[:-1]], channels, strict=True):
@@ -202,9 +203,9 @@ class ConvDecoder(nn.Module):
         super().__init__()
         self.image_shape = _image_shape(image_shape)
         if not channels or any(c < 1 for c in channels):
-            raise ValueError(f"channels must be a non-empty list of positive widths, got {list(channels)}")
+            raise PyroVAEError(f"channels must be a non-empty list of positive widths, got {list(channels)}")
         if outputs_per_dim < 1:
-            raise ValueError(f"outputs_per_dim must be a positive integer, got {outputs_per_dim}")
+            raise PyroVAEError(f"outputs_per_dim must be a positive integer, got {outputs_per_dim}")
         out_channels, height, width = self.image_shape
         heights = _halved_sizes(height, len(channels))
         widths = _halved_sizes(width, len(channels))
@@ -259,10 +260,10 @@ def conv_networks(
         Learning by Exponential Linear Units (ELUs)", ICLR 2016.
     """
     if activation != "elu":
-        raise ValueError(f"the conv network uses ELU activations; got activation={activation!r}")
+        raise PyroVAEError(f"the conv network uses ELU activations; got activation={activation!r}")
     shape = _image_shape(image_shape, data_dim)
     if decoder_out_dim % data_dim:
-        raise ValueError(
+        raise PyroVAEError(
             f"decoder_out_dim ({decoder_out_dim}) must be a whole number of blocks of data_dim ({data_dim})"
         )
     encoder = ConvEncoder(shape, hidden_dims)

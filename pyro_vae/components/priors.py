@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributions import constraints
 from torch.nn import functional as F
 
+from ..errors import PyroVAEError
 from ..registry import Registry
 
 __all__ = [
@@ -43,7 +44,7 @@ class Prior(nn.Module):
     def __init__(self, *, latent_dim: int) -> None:
         super().__init__()
         if latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+            raise PyroVAEError(f"latent_dim must be a positive integer, got {latent_dim}")
         self.latent_dim = latent_dim
 
     def bind(self, *, encoder: nn.Module, guide_head: nn.Module, data_dim: int) -> None:
@@ -84,7 +85,7 @@ def _raw_scale(scale: float, shape: tuple[int, ...]) -> torch.Tensor:
 
 def _positive_int(owner: str, name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"the {owner} prior's {name} must be a positive integer, got {value!r}")
+        raise PyroVAEError(f"the {owner} prior's {name} must be a positive integer, got {value!r}")
 
 
 @PRIORS.register("learned-normal")
@@ -158,7 +159,7 @@ class EqualWeightMixture(TorchDistribution):
 
     def __init__(self, components: dist.Distribution, *, validate_args: bool | None = None) -> None:
         if len(components.batch_shape) != 1:
-            raise ValueError(
+            raise PyroVAEError(
                 "EqualWeightMixture needs its components stacked along one batch dimension [K], "
                 f"got batch shape {tuple(components.batch_shape)}"
             )
@@ -237,7 +238,7 @@ class VampPrior(Prior):
         super().__init__(latent_dim=latent_dim)
         _positive_int("vamp", "num_components", num_components)
         if not pseudo_input_std >= 0:
-            raise ValueError(f"the vamp prior's pseudo_input_std must be >= 0, got {pseudo_input_std!r}")
+            raise PyroVAEError(f"the vamp prior's pseudo_input_std must be >= 0, got {pseudo_input_std!r}")
         self.num_components = num_components
         self.pseudo_input_mean = float(pseudo_input_mean)
         self.pseudo_input_std = float(pseudo_input_std)
@@ -250,7 +251,7 @@ class VampPrior(Prior):
         _positive_int("vamp", "data_dim", data_dim)
         head_dim = getattr(guide_head, "latent_dim", self.latent_dim)
         if head_dim != self.latent_dim:
-            raise ValueError(
+            raise PyroVAEError(
                 f"the vamp prior is over {self.latent_dim} latent dimensions but the guide head over "
                 f"{head_dim}; build both with the same latent_dim"
             )
@@ -258,7 +259,7 @@ class VampPrior(Prior):
             init = self.pseudo_input_mean + self.pseudo_input_std * torch.randn(self.num_components, data_dim)
             self.pseudo_inputs = nn.Parameter(init)
         elif self.pseudo_inputs.shape[-1] != data_dim:
-            raise ValueError(
+            raise PyroVAEError(
                 f"this vamp prior's pseudo-inputs have {self.pseudo_inputs.shape[-1]} values each, "
                 f"but it is now bound to data of {data_dim}; build a new prior for new data"
             )
@@ -314,7 +315,7 @@ class MaskedAutoregressiveFlow(Prior):
         _positive_int("flow", "num_flows", num_flows)
         _positive_int("flow", "hidden_dim", hidden_dim)
         if hidden_dim < latent_dim:
-            raise ValueError(
+            raise PyroVAEError(
                 f"the flow prior's hidden_dim ({hidden_dim}) must be at least latent_dim ({latent_dim}) "
                 "for the masked network to connect every variable; give a larger hidden_dim"
             )

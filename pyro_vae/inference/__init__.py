@@ -5,9 +5,11 @@ from .importance import check_sampling_args, evaluate_bounds, log_marginal
 from .layers import latent_layers
 from .psis import psis_khat
 from .traces import log_weights, traced_log_weights
+from .validation import PairStructure, validate_pair
 
 __all__ = [
     "Bounds",
+    "PairStructure",
     "check_sampling_args",
     "default_iwae_ks",
     "evaluate_bounds",
@@ -16,4 +18,5 @@ __all__ = [
     "log_weights",
     "psis_khat",
     "traced_log_weights",
+    "validate_pair",
 ]

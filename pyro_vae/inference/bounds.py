@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..errors import PyroVAEError
+
 __all__ = ["Bounds", "default_iwae_ks"]
 
 
@@ -41,7 +43,7 @@ class Bounds:
     def concatenate(cls, parts: Sequence[Bounds]) -> Bounds:
         """The bounds of consecutive slices of a data set, joined in order (all with the same K)."""
         if not parts or len({part.num_samples for part in parts}) != 1:
-            raise ValueError("concatenate needs one or more Bounds, all from the same number of samples")
+            raise PyroVAEError("concatenate needs one or more Bounds, all from the same number of samples")
 
         def cat(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
             return None if any(t is None for t in tensors) else torch.cat(tensors)  # type: ignore[arg-type]

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .._typing import ModelFn
 from ..components.kernels import AUTO_ROWS, compiled_kernels
+from ..errors import PyroVAEError
 from .bounds import Bounds, default_iwae_ks
 from .psis import MIN_SAMPLES_FOR_KHAT, psis_khat
 from .traces import ROWS_PER_PASS, plate_nesting, traced_log_weights
@@ -52,13 +53,13 @@ def check_sampling_args(
 ) -> None:
     """Reject, with a sentence each, the arguments every importance-sampling pass over ``x`` shares."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        raise PyroVAEError(f"num_samples must be a positive integer, got {num_samples!r}")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        raise PyroVAEError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if data_chunk_size is not None and data_chunk_size < 1:
-        raise ValueError(f"data_chunk_size must be a positive integer or None, got {data_chunk_size!r}")
+        raise PyroVAEError(f"data_chunk_size must be a positive integer or None, got {data_chunk_size!r}")
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError("x must be a non-empty tensor whose first dimension indexes data points")
+        raise PyroVAEError("x must be a non-empty tensor whose first dimension indexes data points")
 
 
 def evaluate_bounds(
@@ -91,7 +92,7 @@ def evaluate_bounds(
     check_sampling_args(x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size)
     ks = sorted(set(default_iwae_ks(num_samples) if iwae_ks is None else iwae_ks))
     if any(k < 1 or k > num_samples for k in ks):
-        raise ValueError(f"every IWAE k must lie in 1..num_samples={num_samples}, got {ks}")
+        raise PyroVAEError(f"every IWAE k must lie in 1..num_samples={num_samples}, got {ks}")
     chunk_size = min(chunk_size, num_samples)
     if data_chunk_size is None:
         data_chunk_size = max(1, ROWS_PER_PASS // chunk_size)

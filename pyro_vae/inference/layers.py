@@ -11,6 +11,7 @@ import torch
 from pyro import poutine
 
 from .._typing import ModelFn
+from ..errors import PyroVAEError
 from .traces import PARTICLE_PLATE, ROWS_PER_PASS, paired_traces, plate_nesting, site_log_density
 
 __all__ = ["latent_layers"]
@@ -63,7 +64,7 @@ def latent_layers(
     Returns one dict per layer, lowest first: ``{"site", "dim", "kl", "active_units"}``.
     """
     if num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        raise PyroVAEError(f"num_samples must be a positive integer, got {num_samples}")
     data_chunk_size = data_chunk_size or max(1, ROWS_PER_PASS // num_samples)
     kl: dict[str, list[torch.Tensor]] = {}
     means: dict[str, list[torch.Tensor]] = {}

@@ -20,6 +20,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 
 from .._typing import ModelFn
+from ..errors import PyroVAEError
 
 __all__ = [
     "PARTICLE_PLATE",
@@ -70,7 +71,7 @@ def site_log_density(site: dict[str, Any], *, particle_dim: int) -> torch.Tensor
     """log-density of one site summed over all but the particle and data dims: [S, n]."""
     frames = {frame.name: frame for frame in site["cond_indep_stack"]}
     if "data" not in frames:
-        raise ValueError(
+        raise PyroVAEError(
             f"sample site {site['name']!r} is outside pyro.plate('data', ...): per-datum log p(x) needs every "
             "sample site of the model and guide inside the data plate"
         )
@@ -80,7 +81,7 @@ def site_log_density(site: dict[str, Any], *, particle_dim: int) -> torch.Tensor
     if mask is not None and mask is not True:
         log_p = torch.where(torch.as_tensor(mask, device=log_p.device), log_p, log_p.new_zeros(()))
     if log_p.dim() > -particle_dim:
-        raise ValueError(
+        raise PyroVAEError(
             f"sample site {site['name']!r} has batch shape {list(log_p.shape)} with dimensions in no plate; "
             "declare them with pyro.plate or move them into the event with .to_event()"
         )
@@ -108,7 +109,7 @@ def traced_log_weights(
     second value is the data plate's N / M for a minibatch of M out of N.
     """
     if num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+        raise PyroVAEError(f"num_samples must be a positive integer, got {num_samples}")
     if max_plate_nesting is None:
         max_plate_nesting = plate_nesting(model, guide, args, kwargs)
     particle_dim = -max_plate_nesting - 1
@@ -126,7 +127,7 @@ def traced_log_weights(
             size = frame.size
             scale = (frame.full_size or frame.size) / frame.size
     if size is None:
-        raise ValueError("the model has no sample sites; there is nothing to weigh")
+        raise PyroVAEError("the model has no sample sites; there is nothing to weigh")
     return torch.as_tensor(log_w).expand(num_samples, size), scale
 
 

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from ..errors import PyroVAEError
 from .data import Dataset, binarize_static
 
 __all__ = ["SPLIT_SEEDS", "prepare_split", "resolve_binarize"]
@@ -35,7 +36,7 @@ def resolve_binarize(
     if mode == "auto":
         return "dynamic" if likelihood_binary and not dataset.is_binary else "none"
     if mode not in ("none", "static", "dynamic"):
-        raise ValueError(f"binarize must be one of auto, none, static, dynamic; got {mode!r}")
+        raise PyroVAEError(f"binarize must be one of auto, none, static, dynamic; got {mode!r}")
     return mode  # type: ignore[return-value]
 
 
@@ -49,9 +50,9 @@ def prepare_split(dataset: Dataset, split: str, *, mode: str) -> torch.Tensor:
     if mode == "none" or (mode == "dynamic" and split == "train"):
         return x
     if mode not in ("static", "dynamic"):
-        raise ValueError(f"binarize must be none, static or dynamic here; got {mode!r}")
+        raise PyroVAEError(f"binarize must be none, static or dynamic here; got {mode!r}")
     if x.min() < 0 or x.max() > 1:
-        raise ValueError(
+        raise PyroVAEError(
             f"{dataset.name} has values outside [0, 1], so they cannot be binarized as probabilities; "
             "use --binarize none with a likelihood for real values"
         )

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import PyroVAEError
 from ..registry import Registry
 
 __all__ = [
@@ -62,7 +63,7 @@ BINARIZED_MNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binar
 DOWNLOAD_TIMEOUT = 30.0
 
 
-class DataError(ValueError):
+class DataError(PyroVAEError):
     """A data set that cannot be found or read; the message is one line saying what to do."""
 
 

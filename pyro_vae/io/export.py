@@ -47,6 +47,7 @@ from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
 from .._typing import DeviceLike, ModelFn
+from ..errors import PyroVAEError
 from ..inference.importance import check_sampling_args
 from ..inference.psis import MIN_SAMPLES_FOR_KHAT, psis_khat
 from ..inference.traces import ROWS_PER_PASS, plate_nesting, site_log_density, traced_log_weights
@@ -188,11 +189,11 @@ def to_inference_data(
     check_sampling_args(x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size)
     indices = np.arange(x.shape[0]) if data_indices is None else np.asarray(data_indices)
     if indices.shape != (x.shape[0],) or indices.dtype.kind not in "iu":
-        raise ValueError(
+        raise PyroVAEError(
             f"data_indices must be {x.shape[0]} integers, one per row of x; got {list(np.ravel(indices))[:8]}"
         )
     if len(np.unique(indices)) != len(indices):
-        raise ValueError(
+        raise PyroVAEError(
             "data_indices must not repeat an index: each labels one data point in the 'datum' coords"
         )
     chunk_size = min(chunk_size, num_samples)
@@ -308,9 +309,9 @@ def export_run(
     from .run import load_run
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        raise PyroVAEError(f"num_samples must be a positive integer, got {num_samples!r}")
     if indices is None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer (how many data points to export), got {limit!r}")
+        raise PyroVAEError(f"limit must be a positive integer (how many data points to export), got {limit!r}")
     run = load_run(run_dir, device=device)
     data = run.data(split)
     num_data = data.shape[0]
@@ -319,18 +320,18 @@ def export_run(
     else:
         chosen = list(indices)
         if not chosen:
-            raise ValueError("indices is empty; give at least one data point to export, or leave it out")
+            raise PyroVAEError("indices is empty; give at least one data point to export, or leave it out")
         bad = [i for i in chosen if isinstance(i, bool) or not isinstance(i, int | np.integer)]
         if bad:
-            raise ValueError(f"indices must be integers, got {bad[:5]}")
+            raise PyroVAEError(f"indices must be integers, got {bad[:5]}")
         outside = [int(i) for i in chosen if not 0 <= i < num_data]
         if outside:
-            raise ValueError(
+            raise PyroVAEError(
                 f"indices {outside[:5]} are out of range: the {split} split has {num_data} data points, "
                 f"numbered 0..{num_data - 1}"
             )
         if len(set(chosen)) != len(chosen):
-            raise ValueError("indices must not repeat a data point")
+            raise PyroVAEError("indices must not repeat a data point")
     x = data[torch.as_tensor(chosen, dtype=torch.long)].to(device)
     idata = to_inference_data(
         run.vae.model,

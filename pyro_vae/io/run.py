@@ -22,6 +22,7 @@ import torch
 
 from .._typing import DeviceLike
 from ..config import DataConfig, ModelConfig, TrainConfig
+from ..errors import PyroVAEError
 from ..files import write_atomic, write_text_atomic
 from ..models.build import build_vae
 from ..models.vae import VAE
@@ -105,7 +106,7 @@ def load_run(path: str | os.PathLike[str], *, device: DeviceLike = "cpu") -> Run
     path = Path(path)
     missing = [name for name in _FILES if not (path / name).is_file()]
     if missing:
-        raise ValueError(
+        raise PyroVAEError(
             f"{path} is not a pyro_vae run folder: it lacks {', '.join(missing)}; pass the --out folder of "
             "a finished pyro-vae train"
         )
@@ -115,7 +116,7 @@ def load_run(path: str | os.PathLike[str], *, device: DeviceLike = "cpu") -> Run
         train_config = TrainConfig.from_dict(config["train"])
         data_config = DataConfig.from_dict(config["data"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(
+        raise PyroVAEError(
             f"{path / 'config.json'} is not a valid run config ({error}); retrain the run"
         ) from None
     vae = build_vae(model_config)
@@ -123,7 +124,7 @@ def load_run(path: str | os.PathLike[str], *, device: DeviceLike = "cpu") -> Run
         state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
         vae.load_state_dict(state)
     except Exception as error:  # a truncated file raises anything from EOFError to RuntimeError
-        raise ValueError(
+        raise PyroVAEError(
             f"{path / 'model.pt'} cannot be loaded into the configured model ({error})"
         ) from None
     vae.to(device)

@@ -11,6 +11,7 @@ from ..components.likelihoods import LIKELIHOODS
 from ..components.nets import NETWORKS, activation_class
 from ..components.priors import PRIORS
 from ..config import ModelConfig
+from ..errors import PyroVAEError
 from .hierarchical import HierarchicalVAE
 from .vae import VAE
 
@@ -23,7 +24,7 @@ def _build(registry, name: str, *, options: dict | None = None, **required):  # 
     accepted = inspect.signature(component).parameters
     unknown = sorted(k for k in options if k not in accepted)
     if unknown:
-        raise ValueError(
+        raise PyroVAEError(
             f"the {name} {registry.kind} takes no option(s) {', '.join(unknown)}; "
             f"its options are: {', '.join(k for k in accepted if k not in required) or 'none'}"
         )
@@ -39,12 +40,12 @@ def build_vae(config: ModelConfig) -> nn.Module:
     """
     hierarchical = len(config.latent_dims) > 1
     if hierarchical and config.prior == "vamp":
-        raise ValueError(
+        raise PyroVAEError(
             "the vamp prior mixes the guide's q(z|x) at pseudo-inputs, which a hierarchical guide does not "
             "give for its top layer; use another prior with several latent layers"
         )
     if hierarchical and config.inference == "ladder" and config.guide != "diagonal":
-        raise ValueError("ladder inference builds its own Gaussian layers; use --guide diagonal with it")
+        raise PyroVAEError("ladder inference builds its own Gaussian layers; use --guide diagonal with it")
     network_options = {} if config.activation is None else {"activation": config.activation}
     likelihood = _build(
         LIKELIHOODS, config.likelihood, options=dict(config.likelihood_options), data_dim=config.data_dim

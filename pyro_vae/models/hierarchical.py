@@ -43,6 +43,7 @@ from ..components.guides import GuideHead
 from ..components.likelihoods import Likelihood
 from ..components.nets import MLP
 from ..components.priors import Prior
+from ..errors import PyroVAEError
 from .plate import data_plate
 
 __all__ = ["GaussianLayer", "HierarchicalVAE"]
@@ -99,15 +100,15 @@ class HierarchicalVAE(nn.Module):
         super().__init__()
         dims = list(latent_dims)
         if len(dims) < 2:
-            raise ValueError("a HierarchicalVAE needs at least two latent layers; use VAE for one")
+            raise PyroVAEError("a HierarchicalVAE needs at least two latent layers; use VAE for one")
         if prior.latent_dim != dims[-1]:
-            raise ValueError(
+            raise PyroVAEError(
                 f"the prior is over {prior.latent_dim} dimensions but the top layer has {dims[-1]}"
             )
         if inference not in ("bottom-up", "ladder"):
-            raise ValueError(f"inference must be 'bottom-up' or 'ladder', got {inference!r}")
+            raise PyroVAEError(f"inference must be 'bottom-up' or 'ladder', got {inference!r}")
         if inference == "bottom-up" and (guide_head is None or guide_head.latent_dim != dims[0]):
-            raise ValueError(f"bottom-up inference needs a guide head for z1 with latent_dim {dims[0]}")
+            raise PyroVAEError(f"bottom-up inference needs a guide head for z1 with latent_dim {dims[0]}")
         self.latent_dims = dims
         self.inference = inference
         self.prior = prior

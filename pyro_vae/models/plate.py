@@ -5,6 +5,8 @@ from __future__ import annotations
 import pyro
 import torch
 
+from ..errors import PyroVAEError
+
 __all__ = ["data_plate"]
 
 
@@ -22,7 +24,7 @@ def data_plate(x: torch.Tensor, num_data: int | None) -> pyro.plate:
     batch_size = x.shape[0]
     num_data = batch_size if num_data is None else num_data
     if num_data < batch_size:
-        raise ValueError(
+        raise PyroVAEError(
             f"num_data ({num_data}) cannot be smaller than the minibatch ({batch_size} data points)"
         )
     return pyro.plate("data", num_data, subsample=torch.arange(batch_size, device=x.device))

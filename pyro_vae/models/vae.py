@@ -16,6 +16,7 @@ from torch import nn
 from ..components.guides import GuideHead
 from ..components.likelihoods import Likelihood
 from ..components.priors import Prior
+from ..errors import PyroVAEError
 from .plate import data_plate
 
 __all__ = ["VAE"]
@@ -55,7 +56,7 @@ class VAE(nn.Module):
     ) -> None:
         super().__init__()
         if prior.latent_dim != guide_head.latent_dim:
-            raise ValueError(
+            raise PyroVAEError(
                 f"the prior is over {prior.latent_dim} latent dimensions but the guide over "
                 f"{guide_head.latent_dim}; build both with the same latent_dim"
             )

@@ -9,6 +9,7 @@ import torch
 from pyro.infer import ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
+from ..errors import PyroVAEError
 from ..inference.traces import dry_traces
 from .base import _TensorLoss, base_distribution, random_state_kept
 from .registry import LOSSES
@@ -59,7 +60,7 @@ class MeanField_ELBO(_TensorLoss, TraceMeanField_ELBO):
             n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
         ]
         if model_order != guide_order:
-            raise ValueError(
+            raise PyroVAEError(
                 f"the mean-field loss needs the guide to draw the latents in the model's order ({', '.join(model_order)}), "
                 f"but it draws {', '.join(guide_order)}; use --loss elbo, or --inference ladder for stacked layers"
             )

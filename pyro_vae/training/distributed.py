@@ -56,6 +56,8 @@ import torch.distributed as dist
 from pyro.infer import ELBO
 from torch.utils.data import DistributedSampler
 
+from ..errors import PyroVAEError
+
 __all__ = [
     "DataParallel",
     "Shard",
@@ -110,22 +112,22 @@ def torchrun_process_group(*, device: str = "auto") -> Iterator[torch.device]:
     through gloo. The group is destroyed on exit.
     """
     if not dist.is_available():
-        raise ValueError("this build of torch has no torch.distributed; train without --distributed")
+        raise PyroVAEError("this build of torch has no torch.distributed; train without --distributed")
     missing = [name for name in _TORCHRUN_ENV if name not in os.environ]
     if missing:
-        raise ValueError(
+        raise PyroVAEError(
             f"--distributed needs the environment torchrun sets up ({', '.join(missing)} missing); launch with "
             "torchrun --nproc-per-node N -m pyro_vae train --distributed ..., or train without --distributed"
         )
     local_rank = int(os.environ["LOCAL_RANK"])
     if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(
+        raise PyroVAEError(
             f"with --distributed every process uses the GPU of its local rank (cuda:LOCAL_RANK), so --device "
             f"{device} cannot be honoured; pass --device auto, cuda or cpu (choose GPUs with CUDA_VISIBLE_DEVICES)"
         )
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError(
+        raise PyroVAEError(
             "--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto"
         )
     run_device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -218,9 +220,9 @@ class DataParallel:
     def __init__(self, *, shards: int, seed: int, device: torch.device) -> None:
         self.rank, self.world_size = process_group()
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
-            raise ValueError(f"shards must be a positive integer, got {shards!r}")
+            raise PyroVAEError(f"shards must be a positive integer, got {shards!r}")
         if shards % self.world_size:
-            raise ValueError(
+            raise PyroVAEError(
                 f"--shards {shards} cannot be spread evenly over {self.world_size} processes; use a multiple of "
                 f"{self.world_size} (each process computes shards / processes of every minibatch)"
             )
@@ -324,7 +326,7 @@ class DataParallel:
         dist.all_gather_object(values, value)
         differ = [rank for rank, other in enumerate(values) if other != values[0]]
         if differ:
-            raise ValueError(
+            raise PyroVAEError(
                 f"the processes disagree on {what} (rank {differ[0]} differs from rank 0); launch every process "
                 "with the same flags and data"
             )

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .._typing import DeviceLike
 from ..config import ModelConfig, TrainConfig
+from ..errors import PyroVAEError, PyroVAETypeError
 from ..models.vae import VAE
 from ..objectives import LatentWeight, make_loss, scale_latents
 from .distributed import DataParallel, Shard, ShardedELBO, Stream, derive_seed, process_group, run_on_main
@@ -44,7 +45,7 @@ def resolve_device(device: DeviceLike = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise PyroVAEError(
             "device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto"
         )
     return device
@@ -236,16 +237,16 @@ def fit(
         shards=shards,
     )
     if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or checkpoint_every < 1):
-        raise ValueError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every!r}")
+        raise PyroVAEError(f"checkpoint_every must be a positive number of steps, got {checkpoint_every!r}")
     if (resume or checkpoint_every) and checkpoint is None:
-        raise ValueError("resume and checkpoint_every need a checkpoint path")
+        raise PyroVAEError("resume and checkpoint_every need a checkpoint path")
     run_device = resolve_device(device)
     parallel = None if shards is None else DataParallel(shards=shards, seed=seed, device=run_device)
     _check_data(vae, train, "training", dynamic_binarization=dynamic_binarization)
     if test is not None:
         _check_data(vae, test, "test", dynamic_binarization=False)
     if batch_size > train.shape[0]:
-        raise ValueError(
+        raise PyroVAEError(
             f"batch_size {batch_size} is larger than the {train.shape[0]} training points; use --batch-size "
             f"{train.shape[0]} or less"
         )
@@ -448,7 +449,7 @@ def _check_resumable(
         def shards(count: int | None) -> str:
             return f"--shards {count}" if count else "no shards (one process, without --distributed)"
 
-        raise ValueError(
+        raise PyroVAEError(
             f"the checkpoint was trained with {shards(then)} and this run has {shards(now)}; resume with "
             + shards(then)
             + (f" (under torchrun, on a number of processes that divides {then})" if then else "")
@@ -473,12 +474,12 @@ def _check_resumable(
     if expected != stored_shapes:
         differ.append("model weights (names or shapes)")
     if differ:
-        raise ValueError(
+        raise PyroVAEError(
             f"the checkpoint was made with another configuration (differs in: {', '.join(differ)}); "
             "resume with the original settings, or train afresh with --overwrite"
         )
     if config.epochs < saved["epoch"] - 1:
-        raise ValueError(
+        raise PyroVAEError(
             f"the checkpoint has finished {saved['epoch'] - 1} epochs, more than --epochs {config.epochs}"
         )
 
@@ -512,14 +513,14 @@ class _StopOnInterrupt:
 
 def _check_data(vae: VAE, x: torch.Tensor, what: str, *, dynamic_binarization: bool) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"the {what} data must be a torch.Tensor [N, D], got {type(x).__name__}")
+        raise PyroVAETypeError(f"the {what} data must be a torch.Tensor [N, D], got {type(x).__name__}")
     if x.dim() != 2 or x.shape[0] == 0:
-        raise ValueError(f"the {what} data must be a non-empty 2-D tensor [N, D], got shape {list(x.shape)}")
+        raise PyroVAEError(f"the {what} data must be a non-empty 2-D tensor [N, D], got shape {list(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"the {what} data must be floating point, got {x.dtype}; convert with x.float()")
+        raise PyroVAETypeError(f"the {what} data must be floating point, got {x.dtype}; convert with x.float()")
     if dynamic_binarization:
         if not ((x >= 0) & (x <= 1)).all():
-            raise ValueError(
+            raise PyroVAEError(
                 f"dynamic binarization needs {what} values in [0, 1] (they are Bernoulli probabilities)"
             )
         vae.likelihood.check_data(torch.bernoulli(x[:1]))  # shape and support of what the likelihood will see

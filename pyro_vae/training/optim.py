@@ -23,6 +23,8 @@ import pyro
 import torch
 from pyro.optim import PyroOptim
 
+from ..errors import PyroVAEError
+
 __all__ = ["JointAdam", "fused_adam_available"]
 
 
@@ -49,7 +51,7 @@ class JointAdam(PyroOptim):
     def __init__(self, *, lr: float, fused: bool = True) -> None:
         # PyroOptim's constructor sets up per-parameter optimizers, which this class does not use.
         if not lr > 0:
-            raise ValueError(f"JointAdam needs a positive learning rate, got {lr!r}")
+            raise PyroVAEError(f"JointAdam needs a positive learning rate, got {lr!r}")
         self.lr = float(lr)
         self.fused = bool(fused)
         self.optimizer: torch.optim.Adam | None = None
@@ -87,7 +89,7 @@ class JointAdam(PyroOptim):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             if pending["names"] != self.names:
-                raise ValueError(
+                raise PyroVAEError(
                     "the saved optimizer state is for other parameters "
                     f"({', '.join(pending['names'][:3])}, ...); resume with the model it was saved with"
                 )
@@ -100,7 +102,7 @@ class JointAdam(PyroOptim):
 
     def set_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or set(state) != {"names", "adam"}:
-            raise ValueError(
+            raise PyroVAEError(
                 "the optimizer state is not JointAdam's (a checkpoint of the per-parameter optimizer?); "
                 "resume with the settings it was saved with"
             )
@@ -110,5 +112,5 @@ class JointAdam(PyroOptim):
             self._pending = state
         else:
             if state["names"] != self.names:
-                raise ValueError("the saved optimizer state is for other parameters")
+                raise PyroVAEError("the saved optimizer state is for other parameters")
             self.optimizer.load_state_dict(state["adam"])

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import PyroVAEError
 from ..files import write_atomic
 
 __all__ = ["FORMAT", "capture_rng", "load_checkpoint", "restore_rng", "save_checkpoint"]
@@ -74,16 +75,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint; a missing, truncated or foreign file raises ValueError with the path."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"there is no checkpoint at {path} to resume from; train without --resume")
+        raise PyroVAEError(f"there is no checkpoint at {path} to resume from; train without --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncation and corruption surface as many exception types
-        raise ValueError(
+        raise PyroVAEError(
             f"the checkpoint {path} is truncated or corrupted ({type(error).__name__}); "
             "delete it and train again without --resume"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(
+        raise PyroVAEError(
             f"{path} is not a pyro_vae checkpoint (format {FORMAT}); train again without --resume"
         )
     return state
