@@ -6,6 +6,7 @@ q(z|x) and two networks, composed into the Pyro functions ``VAE.model`` and
 ``log_marginal`` judge them by importance-sampled log p(x).
 """
 
+from ._typing import VAEModel
 from .components import (
     GUIDES,
     LIKELIHOODS,
@@ -36,7 +37,16 @@ from .components import (
     VampPrior,
 )
 from .config import DataConfig, ModelConfig, TrainConfig
-from .inference import Bounds, evaluate_bounds, log_marginal, log_weights, traced_log_weights
+from .errors import PyroVAEError, PyroVAETypeError
+from .inference import (
+    Bounds,
+    evaluate_bounds,
+    latent_layers,
+    log_marginal,
+    log_weights,
+    traced_log_weights,
+    validate_pair,
+)
 from .io import (
     DATASETS,
     DataError,
@@ -48,12 +58,11 @@ from .io import (
     resolve_binarize,
     save_run,
 )
-from .models import VAE, build_vae, data_plate
+from .models import VAE, AbilityMissing, HierarchicalVAE, ModelSpec, build_vae, data_plate
 from .objectives import IWAE_ELBO, LOSSES, DeviceTrace_ELBO, MeanField_ELBO, make_loss
 from .registry import Registry
 from .training import EpochRecord, FitResult, fit, mean_elbo
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "DATASETS",
@@ -65,6 +74,7 @@ __all__ = [
     "NETWORKS",
     "PRIORS",
     "VAE",
+    "AbilityMissing",
     "Bernoulli",
     "Bounds",
     "ContinuousBernoulli",
@@ -83,6 +93,7 @@ __all__ = [
     "Gaussian",
     "GaussianLearnedScale",
     "GuideHead",
+    "HierarchicalVAE",
     "InverseAutoregressiveFlow",
     "Laplace",
     "LearnedNormal",
@@ -92,18 +103,23 @@ __all__ = [
     "MeanField_ELBO",
     "Mixture",
     "ModelConfig",
+    "ModelSpec",
     "Prior",
+    "PyroVAEError",
+    "PyroVAETypeError",
     "Registry",
     "Run",
     "StandardNormal",
     "StudentT",
     "TrainConfig",
+    "VAEModel",
     "VampPrior",
     "__version__",
     "build_vae",
     "data_plate",
     "evaluate_bounds",
     "fit",
+    "latent_layers",
     "load_dataset",
     "load_run",
     "log_marginal",
@@ -114,4 +130,5 @@ __all__ = [
     "resolve_binarize",
     "save_run",
     "traced_log_weights",
+    "validate_pair",
 ]

@@ -105,31 +105,53 @@ class ModelConfig:
         return _from_dict(cls, data)
 
 
+def _option(default: Any, help_text: str, *, metavar: str | None = None) -> Any:
+    # A field with its one-line help (and the placeholder its value is shown as), from which the command
+    # line's flags are generated.
+    metadata = {"help": help_text} if metavar is None else {"help": help_text, "metavar": metavar}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """How the model is fitted: SVI with Adam on a Monte-Carlo ELBO."""
+    """How the model is fitted: SVI with Adam on a Monte-Carlo ELBO.
 
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 1e-3
+    Each field's ``metadata["help"]`` is the one line the command line shows for it.
+    """
+
+    epochs: int = _option(50, "passes over the training data")
+    # The global minibatch: with shards, over all shards and processes together.
+    batch_size: int = _option(128, "data points per step (over all shards and processes)")
+    lr: float = _option(1e-3, "Adam's learning rate")
     # Samples z ~ q(z|x) per data point per step, drawn in one vectorized pass.
-    num_particles: int = 1
-    loss: str = "elbo"
+    num_particles: int = _option(1, "samples of z per datum per step")
+    loss: str = _option("elbo", "the training objective: elbo, mean-field or iwae")
     # Weight of the KL term, E_q[log p(x|z)] - beta KL (Higgins et al., 2017); 1 is the ELBO.
-    beta: float = 1.0
+    beta: float = _option(1.0, "weight of the KL term (beta-VAE)")
     # Epochs over which the KL weight rises linearly from 0 to beta (Sønderby et al., 2016).
-    warmup_epochs: int = 0
+    warmup_epochs: int = _option(0, "epochs to ramp the KL weight 0 -> beta")
     # Largest norm of the gradient of all parameters together; None: no clipping.
-    clip_norm: float | None = None
-    seed: int = 0
-    device: str = "auto"
-    # One fused torch Adam over all parameters (pyro_vae.optim.JointAdam); False: pyro.optim.Adam per parameter.
-    fused_adam: bool = True
+    clip_norm: float | None = _option(None, "clip the gradient's global norm to this")
+    seed: int = _option(
+        0, "random seed of the data order and the noise (the command line also seeds the initial weights)"
+    )
+    device: str = _option("auto", "auto, cpu, cuda or cuda:N")
+    # One fused torch Adam over all parameters (training.optim.JointAdam); False: pyro.optim.Adam per parameter.
+    fused_adam: bool = _option(
+        True, "one fused Adam over all parameters (default), or Pyro's per-parameter Adam"
+    )
     # Compile the loss by tracing (objectives.JitELBO); needs a model whose structure and constants are fixed.
-    jit: bool = False
-    # Cut every minibatch into this many shards, each with its own random streams (pyro_vae.distributed);
+    jit: bool = _option(
+        False, "compile the loss by tracing it once per minibatch shape (not with --warmup-epochs)"
+    )
+    # Cut every minibatch into this many shards, each with its own random streams (training.distributed);
     # a run of W processes has W (or a multiple). None: one process drawing from torch's global generator.
-    shards: int | None = None
+    shards: int | None = _option(
+        None,
+        "cut every minibatch into S shards with their own random streams and average their gradients: "
+        "the result of S processes of --distributed (there the default is the number of processes)",
+        metavar="S",
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "num_particles"):

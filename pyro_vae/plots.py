@@ -6,21 +6,26 @@ Figures are :class:`matplotlib.figure.Figure` objects saved through the Agg
 canvas, never pyplot, so nothing is shown, no global figure is left open and
 no backend is switched for the caller.
 
-What is decoded, for both model kinds:
+Every figure asks the model only what the model contract and
+:mod:`pyro_vae.models.abilities` give (the latent sites, posterior means,
+decoding, prior draws), so it draws any model, the package's or a user's;
+one that needs what a model cannot give raises
+:class:`~pyro_vae.models.abilities.AbilityMissing`, and :func:`plot_run`
+skips it with one line saying why. What is drawn:
 
-- images are means of p(x | z), never draws, so they show what the decoder
-  believes rather than Bernoulli noise;
-- the latent space, traversals and interpolations use z1, the layer next to
-  x (the only layer of a one-layer VAE), at its posterior mean E_q[z1 | x],
-  decoded directly by p(x | z1);
-- the manifold is a grid over the prior's layer (z of a one-layer VAE, zL of
-  a hierarchical one); a hierarchical grid point is decoded through the
-  means of p(z_l | z_{l+1}) down to z1;
-- prior samples are ancestral draws z ~ p(z) (zL ~ p(zL), z_l ~ p(z_l | z_{l+1})).
+- images are means of p(x | latents), never draws, so they show what the
+  decoder believes rather than Bernoulli noise;
+- the latent space and traversals use the layer next to x (the first of
+  ``latent_sites``: z of a one-layer VAE, z1 of a hierarchy) at its posterior
+  mean E_q[z1 | x], the other layers held at theirs; interpolations move
+  every layer along the line between two posterior means;
+- the manifold is a grid over the top layer (the prior's), the layers below
+  at the means of their conditional priors;
+- prior samples are ancestral draws from the model's prior.
 
-Image rows [N, D] are reshaped with ``run.model_config.image_shape`` ((H, W)
-or (C, H, W)); values inside [0, 1] are drawn on that fixed scale, others on
-the figure's own range. For data that are not images the image figures raise
+Image rows [N, D] are reshaped with ``run.image_shape`` ((H, W) or
+(C, H, W)); values inside [0, 1] are drawn on that fixed scale, others on the
+figure's own range. For data that are not images the image figures raise
 ValueError, and :func:`plot_run` skips them with a note.
 """
 
@@ -30,9 +35,10 @@ import json
 import math
 import os
 import textwrap
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,14 +47,16 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+from pyro.distributions.torch_distribution import ExpandedDistribution
 from torch import nn
 from torchvision.utils import make_grid
 
+from ._typing import VAEModel
 from .errors import PyroVAEError
 from .inference.importance import evaluate_bounds
-from .io.binarization import prepare_split
-from .io.data import load_dataset
 from .io.run import Run
+from .models import abilities
+from .models.abilities import AbilityMissing
 
 __all__ = [
     "PLOT_FILES",
@@ -89,21 +97,22 @@ _MIN_KHAT_SAMPLES = 20  # below this PSIS fits no tail (evaluation.py leaves k̂
 # Model and data access
 
 
-def _device(vae: nn.Module) -> torch.device:
-    return next(vae.parameters()).device
+def _device(vae: VAEModel) -> torch.device:
+    parameter = next(iter(vae.parameters()), None) if isinstance(vae, nn.Module) else None
+    return torch.device("cpu") if parameter is None else parameter.device
 
 
-def _hierarchical(vae: nn.Module) -> bool:
-    return hasattr(vae, "posterior_mean_z1")
-
-
-def _z1(vae: nn.Module) -> str:
-    """How the layer next to x is written in labels: ``z`` for one layer, ``z1`` for several."""
-    return "z1" if _hierarchical(vae) else "z"
+@contextmanager
+def _seeded(vae: VAEModel, seed: int) -> Iterator[None]:
+    # A fork of the global generators, so drawing a figure does not move the caller's random stream.
+    device = _device(vae)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        yield
 
 
 def _image_shape(run: Run) -> tuple[int, ...]:
-    shape = run.model_config.image_shape
+    shape = run.image_shape
     if shape is None:
         raise PyroVAEError(
             f"the data of {run.path} ({run.data_config.dataset}) are not images (the run has no image_shape), "
@@ -115,8 +124,12 @@ def _image_shape(run: Run) -> tuple[int, ...]:
 
 def _split(run: Run, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The split as the model sees it (binarized like in training, as ``Run.data``) and its labels."""
-    dataset = load_dataset(run.data_config.dataset, data_dir=run.data_config.data_dir)
-    return prepare_split(dataset, split, mode=run.data_config.binarize), dataset.labels(split)
+    return run.data(split), run.labels(split)
+
+
+def _like(run: Run) -> torch.Tensor:
+    """A few data rows on the model's device: what a derived ability traces the model on."""
+    return run.data("test")[:2].to(_device(run.vae))
 
 
 def _checked_index(index: int, n: int, name: str) -> int:
@@ -125,38 +138,29 @@ def _checked_index(index: int, n: int, name: str) -> int:
     return index % n
 
 
-@torch.no_grad()
-def _posterior_mean_z1(vae: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """E_q[z1 | x] [N, d1] on the CPU; ``x`` [N, D] is moved to the model's device."""
-    x = x.to(_device(vae))
-    if _hierarchical(vae):
-        return vae.posterior_mean_z1(x).cpu()
-    return vae.posterior(x).mean.cpu()
+def _sites(run: Run) -> tuple[str, ...]:
+    """The latent sites, the layer next to x first."""
+    return abilities.latent_sites(run.vae, _like(run))
 
 
-@torch.no_grad()
-def _decode_z1(vae: nn.Module, z1: torch.Tensor) -> torch.Tensor:
-    """The mean of p(x | z1) [N, D] on the CPU."""
-    return vae.likelihood(vae.decoder(z1.to(_device(vae)))).mean.cpu()
+def _posterior_means(run: Run, x: torch.Tensor, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """E_q[z | x] {site: [N, d]} on the CPU; ``x`` [N, D] is moved to the model's device."""
+    with _seeded(run.vae, seed):
+        means = abilities.posterior_means(run.vae, x.to(_device(run.vae)))
+    return {name: value.cpu() for name, value in means.items()}
 
 
-@torch.no_grad()
-def _decode_top(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """The mean of p(x | z1) for a point z of the prior's layer, through the layer means for a hierarchy."""
-    z = z.to(_device(vae))
-    if _hierarchical(vae):
-        for layer in range(vae.num_layers - 1, 0, -1):
-            z = vae.down[layer - 1](z).mean
-    return _decode_z1(vae, z)
+def _decode(run: Run, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The mean of p(x | latents) [N, D] on the CPU."""
+    device = _device(run.vae)
+    with torch.no_grad():
+        moved = {name: value.to(device) for name, value in latents.items()}
+        return abilities.decode(run.vae, moved, like=_like(run)).cpu()
 
 
-@torch.no_grad()
-def _seeded_samples(vae: nn.Module, num: int, seed: int) -> torch.Tensor:
-    # A fork of the global generators, so drawing a figure does not move the caller's random stream.
-    device = _device(vae)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        return vae.sample(num, mean=True).cpu()
+def _given(sites: Sequence[str]) -> str:
+    """``z`` or ``z1, z2``: what p(x | ...) is conditioned on, for titles."""
+    return ", ".join(sites)
 
 
 # ---------------------------------------------------------------------------
@@ -234,13 +238,11 @@ def _set_title(ax: Axes, *lines: str, fontsize: float = 10) -> None:
     ax.set_title("\n".join(textwrap.fill(line, chars) for line in lines), fontsize=fontsize)
 
 
-def _draws(vae: nn.Module) -> str:
-    """How z ~ p(z) is drawn, for titles: on the same line, or the ancestral order of a hierarchy below."""
-    if not _hierarchical(vae):
-        return " z ~ p(z)"
-    top = vae.num_layers
-    below = "z1 ~ p(z1 | z2)" if top == 2 else f"z_l ~ p(z_l | z_l+1) for l = {top - 1}..1"
-    return f"\nz{top} ~ p(z{top}), {below}"
+def _draws(sites: Sequence[str]) -> str:
+    """How the latents are drawn from the prior, for titles (``sites`` the layer next to x first)."""
+    if len(sites) == 1:
+        return f" {sites[0]} ~ p({sites[0]})"
+    return f" from the prior, ancestrally ({', then '.join(reversed(sites))})"
 
 
 def _run_name(run: Run) -> str:
@@ -307,8 +309,8 @@ def plot_reconstructions(run: Run, path: PathLike, *, num: int = 16, split: str 
     if num < 1:
         raise PyroVAEError(f"num must be a positive integer, got {num}")
     x = _split(run, split)[0][:num]
-    with torch.no_grad():
-        recon = run.vae.reconstruct(x.to(_device(run.vae))).cpu()
+    sites = _sites(run)
+    recon = _decode(run, _posterior_means(run, x))
     per_row = min(len(x), _ROW_LENGTH)
     data_rows, recon_rows = x.split(per_row), recon.split(per_row)
     tiles, labels = [], []
@@ -324,52 +326,66 @@ def plot_reconstructions(run: Run, path: PathLike, *, num: int = 16, split: str 
     fig = _grid_figure(len(labels), per_row, extra_width=1.6)
     ax = fig.add_subplot()
     _draw_grid(ax, _as_images(torch.cat(tiles), image_shape), nrow=per_row, row_labels=labels)
-    binarized = "" if run.data_config.binarize == "none" else f" ({run.data_config.binarize}ally binarized)"
-    z = _z1(run.vae)
+    binarized = "" if run.binarize == "none" else f" ({run.binarize}ally binarized)"
+    at = ", ".join(f"{z} = E_q[{z} | x]" for z in sites)
     _set_title(
         ax,
         f"{len(x)} {split} images{binarized} and their reconstructions",
-        f"the mean of p(x | {z}) at {z} = E_q[{z} | x]; {_run_name(run)}",
+        f"the mean of p(x | {_given(sites)}) at {at}; {_run_name(run)}",
     )
     return _save(fig, path)
 
 
 def save_sample_grid(
-    vae: nn.Module,
+    vae: VAEModel,
     path: PathLike,
     *,
     num: int = 64,
     image_shape: Sequence[int] | None,
     seed: int = 0,
     title: str | None = None,
+    like: torch.Tensor | None = None,
 ) -> Path:
-    """A square grid of ``num`` means of p(x | z) for z ~ p(z) (ancestral draws for a hierarchy).
+    """A square grid of ``num`` means of p(x | z) for ancestral draws z ~ p(z).
 
     The draws come from a fork of torch's generators seeded with ``seed``: the
     same seed gives the same grid, and the caller's random stream is untouched.
+    ``like`` (a few data rows) is needed only by a model whose prior draws and
+    decoding are derived by tracing it (:mod:`pyro_vae.models.abilities`).
     """
     if image_shape is None:
-        raise PyroVAEError("the data of this model are not images (no image_shape), so samples cannot be drawn")
+        raise PyroVAEError(
+            "the data of this model are not images (no image_shape), so samples cannot be drawn"
+        )
     if num < 1:
         raise PyroVAEError(f"num must be a positive integer, got {num}")
-    images = _as_images(_seeded_samples(vae, num, seed), image_shape)
+    device = _device(vae)
+    like = None if like is None else like.to(device)
+    with _seeded(vae, seed):
+        samples = abilities.prior_samples(vae, num, like=like).cpu()
+    images = _as_images(samples, image_shape)
     nrow = math.ceil(math.sqrt(num))
     fig = _grid_figure(math.ceil(num / nrow), nrow, extra_width=0.3, extra_height=0.9)
     ax = fig.add_subplot()
     _draw_grid(ax, images, nrow=nrow)
     if title is None:
-        title = f"Means of p(x | {_z1(vae)}) for {num} draws{_draws(vae)}"
+        sites = abilities.latent_sites(vae, like) if like is not None else ("z",)
+        title = f"Means of p(x | {_given(sites)}) for {num} draws{_draws(sites)}"
     _set_title(ax, *title.split("\n"))
     return _save(fig, path)
 
 
 def plot_prior_samples(run: Run, path: PathLike, *, num: int = 64, seed: int = 0) -> Path:
     """Means of p(x | z) for ``num`` draws z ~ p(z) from the run's prior, in a grid (see :func:`save_sample_grid`)."""
+    sites = _sites(run)
+    prior = f"prior {run.model_spec.config.prior}, " if run.model_spec.config is not None else ""
     title = (
-        f"Means of p(x | {_z1(run.vae)}) for {num} draws{_draws(run.vae)}\n"
-        f"prior {run.model_config.prior}, seed {seed}; {_run_name(run)}"
+        f"Means of p(x | {_given(sites)}) for {num} draws{_draws(sites)}\n"
+        f"{prior}seed {seed}; {_run_name(run)}"
     )
-    return save_sample_grid(run.vae, path, num=num, image_shape=_image_shape(run), seed=seed, title=title)
+    return save_sample_grid(
+        run.vae, path, num=num, image_shape=_image_shape(run), seed=seed, title=title, like=_like(run)
+    )
 
 
 def _class_colours(ax: Axes, coords: np.ndarray, labels: np.ndarray) -> None:
@@ -401,9 +417,9 @@ def plot_latent_space(run: Run, path: PathLike, *, split: str = "test", max_poin
     x, labels = _split(run, split)
     x = x[:max_points]
     labels_np = None if labels is None else labels[:max_points].numpy()
-    means = _posterior_mean_z1(run.vae, x).double()  # [N, d]
+    z = _sites(run)[0]
+    means = _posterior_means(run, x)[z].double()  # [N, d]
     n, d = means.shape
-    z = _z1(run.vae)
     fig = Figure(figsize=(7.5, 6.0), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
     if d == 1:
@@ -441,38 +457,45 @@ def plot_manifold(run: Run, path: PathLike, *, steps: int = 15) -> Path:
 
     The grid is z = (Φ⁻¹(p_i), Φ⁻¹(p_j)) for p evenly spaced in [0.05, 0.95]:
     equal prior mass between neighbours when p(z) = N(0, I). Other priors get
-    the same N(0, 1) grid (the title says so). The latent is the prior's
-    layer: z of a one-layer VAE, zL of a hierarchical one, decoded through the
-    means of the layers below.
+    the same N(0, 1) grid (the title says so). The latent is the top layer
+    (the last of ``latent_sites``: z of a one-layer VAE, zL of a hierarchical
+    one); the layers below are set to the means of their conditional priors.
     """
     image_shape = _image_shape(run)
-    top = run.model_config.latent_dims[-1]
-    if top != 2:
-        raise PyroVAEError(
-            f"the manifold is drawn only for a 2-D latent, and this run's prior is over {top} dimensions; "
-            "use plot_latent_space or plot_traversals for it"
-        )
     if steps < 2:
         raise PyroVAEError(f"steps must be at least 2, got {steps}")
+    sites = _sites(run)
+    name = sites[-1]
+    like = _like(run)
+    prior = abilities.prior_distribution(run.vae, name, like=like)
+    top = math.prod(prior.event_shape)
+    if top != 2:
+        raise AbilityMissing(
+            f"the manifold is drawn only for a 2-D latent, and this run's top latent {name} has {top} "
+            "dimensions; use plot_latent_space or plot_traversals for it"
+        )
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, steps))  # [steps]
     # Row i from the top holds the i-th largest second coordinate, so "up" in the picture is up in z.
     second, first = torch.meshgrid(q.flip(0), q, indexing="ij")
     z = torch.stack([first.reshape(-1), second.reshape(-1)], dim=1)  # [steps², 2]
-    images = _as_images(_decode_top(run.vae, z), image_shape)
+    images = _as_images(_decode(run, {name: z}), image_shape)
     fig = _grid_figure(steps, steps, extra_width=1.2, extra_height=1.5)
     ax = fig.add_subplot()
     ticks = [f"{v:.2f}" for v in q.tolist()]
     _draw_grid(ax, images, nrow=steps, row_labels=ticks[::-1], col_labels=ticks)
     ax.tick_params(axis="both", labelsize=7)
-    hierarchical = _hierarchical(run.vae)
-    name = f"z{run.vae.num_layers}" if hierarchical else "z"
     ax.set_xlabel(f"{name}[0]")
     ax.set_ylabel(f"{name}[1]")
-    via = ", decoded through the means of p(z_l | z_l+1) down to z1" if hierarchical else ""
+    below = ", ".join(sites[:-1])
+    lower = sites[:-1]
+    which = (
+        "the mean of its conditional prior" if len(lower) == 1 else "the means of their conditional priors"
+    )
+    via = f", {below} at {which}" if below else ""
     caveat = (
         []
-        if run.model_config.prior == "standard-normal"
-        else [f"The prior is {run.model_config.prior}, not N(0, 1): the grid uses N(0, 1) quantiles anyway."]
+        if _is_standard_normal(prior)
+        else [f"The prior of {name} is not N(0, 1): the grid uses N(0, 1) quantiles anyway."]
     )
     _set_title(
         ax,
@@ -481,6 +504,17 @@ def plot_manifold(run: Run, path: PathLike, *, steps: int = 15) -> Path:
         *caveat,
     )
     return _save(fig, path)
+
+
+def _is_standard_normal(prior: Any) -> bool:
+    """Whether ``prior`` is N(0, I): a Normal (possibly made independent) with loc 0 and scale 1."""
+    while isinstance(prior, torch.distributions.Independent | ExpandedDistribution):
+        prior = prior.base_dist
+    return (
+        isinstance(prior, torch.distributions.Normal)
+        and bool((prior.loc == 0).all())
+        and bool((prior.scale == 1).all())
+    )
 
 
 def plot_traversals(
@@ -494,10 +528,11 @@ def plot_traversals(
 ) -> Path:
     """One row per latent dimension j: E_q[z1 | x] of test image ``index`` with ``span`` * [-1 .. 1] added to coordinate j.
 
-    Uses z1, the layer next to x, for a hierarchical model too (its decoder
-    reads z1 alone). ``dims`` (0-based) defaults to every dimension of a
-    latent of at most 10, and otherwise to the 10 whose posterior means vary
-    most across (up to 1000) test images, the active units.
+    Uses z1, the layer next to x (the first of ``latent_sites``), with every
+    other layer held at its posterior mean for image ``index``. ``dims``
+    (0-based) defaults to every dimension of a latent of at most 10, and
+    otherwise to the 10 whose posterior means vary most across (up to 1000)
+    test images, the active units.
     """
     image_shape = _image_shape(run)
     if steps < 2:
@@ -506,7 +541,9 @@ def plot_traversals(
         raise PyroVAEError(f"span must be positive, got {span}")
     x = _split(run, "test")[0]
     index = _checked_index(index, len(x), "index")
-    means = _posterior_mean_z1(run.vae, x[:1000])  # [n, d]
+    sites = _sites(run)
+    name = sites[0]
+    means = _posterior_means(run, x[:1000])[name]  # [n, d]
     d = means.shape[1]
     if dims is None:
         chosen = range(d) if d <= _MAX_TRAVERSED_DIMS else means.var(0).topk(_MAX_TRAVERSED_DIMS).indices
@@ -518,15 +555,17 @@ def plot_traversals(
         if bad or not dims:
             raise PyroVAEError(f"dims must be a non-empty list of indices in 0..{d - 1}, got {dims}")
         selection = ""
-    base = _posterior_mean_z1(run.vae, x[index : index + 1])[0]  # [d]
+    base = _posterior_means(run, x[index : index + 1])  # {site: [1, d_site]}
     offsets = torch.linspace(-span, span, steps)
-    z = base.repeat(len(dims), steps, 1)  # [rows, steps, d]
+    z = base[name][0].repeat(len(dims), steps, 1)  # [rows, steps, d]
     for row, j in enumerate(dims):
         z[row, :, j] += offsets
-    images = _as_images(_decode_z1(run.vae, z.reshape(-1, d)), image_shape)
+    tiles = len(dims) * steps
+    latents = {site: value.expand(tiles, -1) for site, value in base.items()}
+    latents[name] = z.reshape(-1, d)
+    images = _as_images(_decode(run, latents), image_shape)
     fig = _grid_figure(len(dims), steps, extra_width=1.0, extra_height=1.6)
     ax = fig.add_subplot()
-    name = _z1(run.vae)
     _draw_grid(
         ax,
         images,
@@ -537,10 +576,11 @@ def plot_traversals(
     ax.tick_params(axis="x", labelsize=8)
     ax.set_xlabel(f"offset added to that coordinate of E[{name} | x]")
     ax.set_ylabel("latent dimension varied")
+    held = "".join(f", {site} at E[{site} | x]" for site in sites[1:])
     _set_title(
         ax,
         f"Latent traversals around E[{name} | x] of test image #{index}{selection}",
-        f"decoded as the mean of p(x | {name}); {_run_name(run)}",
+        f"decoded as the mean of p(x | {_given(sites)}){held}; {_run_name(run)}",
     )
     return _save(fig, path)
 
@@ -548,27 +588,31 @@ def plot_traversals(
 def plot_interpolation(
     run: Run, path: PathLike, *, index_a: int = 0, index_b: int = 1, steps: int = 10
 ) -> Path:
-    """The means of p(x | z1) along the straight line from E_q[z1 | x_a] to E_q[z1 | x_b], between x_a and x_b."""
+    """The means of p(x | z) along the straight line from E_q[z | x_a] to E_q[z | x_b], between x_a and x_b.
+
+    Every latent layer moves along its own line, z_t = (1 - t) E_q[z | x_a] + t E_q[z | x_b].
+    """
     image_shape = _image_shape(run)
     if steps < 2:
         raise PyroVAEError(f"steps must be at least 2, got {steps}")
     x = _split(run, "test")[0]
     a, b = _checked_index(index_a, len(x), "index_a"), _checked_index(index_b, len(x), "index_b")
-    ends = _posterior_mean_z1(run.vae, x[[a, b]])  # [2, d]
+    sites = _sites(run)
+    ends = _posterior_means(run, x[[a, b]])  # {site: [2, d_site]}
     t = torch.linspace(0.0, 1.0, steps)[:, None]  # [steps, 1]
-    decoded = _decode_z1(run.vae, (1 - t) * ends[0] + t * ends[1])
+    decoded = _decode(run, {site: (1 - t) * end[0] + t * end[1] for site, end in ends.items()})
     images = _as_images(torch.cat([x[a : a + 1], decoded, x[b : b + 1]]), image_shape)
     fig = _grid_figure(1, steps + 2, extra_width=0.6, extra_height=1.7)
     ax = fig.add_subplot()
     labels = [f"data\n#{a}", *[f"{v:.2f}" for v in t[:, 0].tolist()], f"data\n#{b}"]
     _draw_grid(ax, images, nrow=steps + 2, col_labels=labels)
     ax.tick_params(axis="x", labelsize=8)
-    name = _z1(run.vae)
+    name = sites[0] if len(sites) == 1 else f"({_given(sites)})"
     ax.set_xlabel(f"t in {name} = (1 - t) E[{name} | x_a] + t E[{name} | x_b]")
     _set_title(
         ax,
         f"Interpolation between test images #{a} and #{b} in latent space",
-        f"decoded as the mean of p(x | {name}); {_run_name(run)}",
+        f"decoded as the mean of p(x | {_given(sites)}); {_run_name(run)}",
     )
     return _save(fig, path)
 
@@ -578,7 +622,7 @@ def plot_khat(run: Run, path: PathLike, *, num_samples: int = 500, limit: int = 
 
     k̂ < 0.5: log p̂(x) converges quickly; 0.5-0.7: slowly; > 0.7: the
     weights' tail is too heavy for K samples to give a trustworthy estimate
-    (Vehtari et al., 2024). Drawn with ``arviz.plot_khat``; infinite k̂ are
+    (Vehtari et al., 2024). Drawn as ArviZ draws k̂ (``arviz.plot_khat``); infinite k̂ are
     counted above 0.7 but not drawn. Works for data that are not images.
     """
     if num_samples < _MIN_KHAT_SAMPLES:
@@ -587,8 +631,6 @@ def plot_khat(run: Run, path: PathLike, *, num_samples: int = 500, limit: int = 
         )
     if limit < 1:
         raise PyroVAEError(f"limit must be a positive integer, got {limit}")
-    import arviz
-
     x = _split(run, "test")[0][:limit].to(_device(run.vae))
     device = _device(run.vae)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -600,14 +642,10 @@ def plot_khat(run: Run, path: PathLike, *, num_samples: int = 500, limit: int = 
     finite = np.isfinite(khat)
     fig = Figure(figsize=(8.0, 4.5), dpi=_DPI, layout="constrained")
     ax = fig.add_subplot()
-    with warnings.catch_warnings():
-        # arviz 0.2x accepts a plain array of k̂ with a FutureWarning (it would like ELPDData).
-        warnings.simplefilter("ignore", FutureWarning)
-        # arviz 0.23 with matplotlib 3.11 warns about its own keyword handling; nothing the caller can change.
-        warnings.filterwarnings("ignore", message="Passing a dict or None as alias_mapping")
-        drawn = khat[finite]
-        colours = np.where(drawn > 0.7, "C3", np.where(drawn > 0.5, "C1", "C0"))
-        arviz.plot_khat(drawn, color=colours, ax=ax, markersize=10, textsize=10)
+    # ArviZ's k̂ scatter, drawn here: ArviZ 1.x's plot_khat takes only the ELPDData of its loo, on its own figure.
+    drawn = khat[finite]
+    colours = np.where(drawn > 0.7, "C3", np.where(drawn > 0.5, "C1", "C0"))
+    ax.scatter(np.flatnonzero(finite), drawn, c=colours, marker="+", s=20, linewidths=1)
     ax.axhline(0.5, color="C1", linestyle="--", linewidth=1, label="k̂ = 0.5: slower convergence above")
     ax.axhline(0.7, color="C3", linestyle="--", linewidth=1, label="k̂ = 0.7: unreliable above")
     ax.set_xlabel(f"test data point (index; the first {len(khat)})")
@@ -638,24 +676,23 @@ def plot_run(
     """Every figure that applies to ``run``, written into ``out_dir`` under the names of :data:`PLOT_FILES`.
 
     Skipped, with one line to ``log`` each (``None`` for silence): the image
-    figures for data that are not images; the manifold unless the prior's
-    layer is 2-D; k̂ when ``khat_samples`` is 0. ``split`` is the split of the
+    figures for data that are not images; k̂ when ``khat_samples`` is 0; and
+    any figure that needs what the model cannot give (an
+    :class:`~pyro_vae.models.abilities.AbilityMissing`, e.g. the manifold
+    unless the top latent is 2-D). ``split`` is the split of the
     reconstructions and the latent space; traversals, interpolation and k̂
     use the test split. Returns the paths written, in :data:`PLOT_FILES` order.
     """
     if khat_samples != 0 and khat_samples < _MIN_KHAT_SAMPLES:
-        raise PyroVAEError(f"khat_samples must be 0 (skip) or at least {_MIN_KHAT_SAMPLES}, got {khat_samples}")
+        raise PyroVAEError(
+            f"khat_samples must be 0 (skip) or at least {_MIN_KHAT_SAMPLES}, got {khat_samples}"
+        )
     out = Path(out_dir)
     note = log or (lambda _: None)
     skipped: set[str] = set()
-    if run.model_config.image_shape is None:
+    if run.image_shape is None:
         skipped.update(_IMAGE_FIGURES)
         note(f"skipped {', '.join(PLOT_FILES[f] for f in _IMAGE_FIGURES)}: the data are not images")
-    elif run.model_config.latent_dims[-1] != 2:
-        skipped.add("manifold")
-        note(
-            f"skipped manifold.png: it needs a 2-D latent, and the prior is over {run.model_config.latent_dims[-1]} dimensions"
-        )
     if khat_samples == 0:
         skipped.add("khat")
         note("skipped khat.png: khat_samples is 0")
@@ -669,4 +706,12 @@ def plot_run(
         "interpolation": lambda p: plot_interpolation(run, p),
         "khat": lambda p: plot_khat(run, p, num_samples=khat_samples, limit=khat_limit, seed=seed),
     }
-    return [draw[name](out / file) for name, file in PLOT_FILES.items() if name not in skipped]
+    written = []
+    for name, file in PLOT_FILES.items():
+        if name in skipped:
+            continue
+        try:
+            written.append(draw[name](out / file))
+        except AbilityMissing as missing:
+            note(f"skipped {file}: {missing}")
+    return written

@@ -34,7 +34,9 @@ def test_train_writes_the_run_folder(digits_run, capsys):
         "checkpoint.pt",
     }
     config = json.loads((digits_run / "config.json").read_text())
-    assert config["model"]["latent_dims"] == [4] and config["model"]["hidden_dims"] == [32]
+    assert config["format"] == "pyro_vae.run/1" and config["model"]["kind"] == "builtin"
+    options = config["model"]["options"]
+    assert options["latent_dims"] == [4] and options["hidden_dims"] == [32]
     assert config["data"] == {"dataset": "digits", "data_dir": None, "binarize": "dynamic"}
     rows = (digits_run / "metrics.csv").read_text().splitlines()
     assert rows[0] == "epoch,train_elbo,test_elbo,seconds" and len(rows) == 4
@@ -98,13 +100,68 @@ def test_user_errors_are_one_line_with_status_2(argv, message, tmp_path, capsys)
     assert message in error and error.count("\n") == 1 and "Traceback" not in error
 
 
-@pytest.mark.parametrize("flag", ["--likelihood poisson", "--epochs 0", "--lr -1", "--hidden-dims 4,x"])
+@pytest.mark.parametrize("flag", ["--likelihood poisson", "--hidden-dims 4,x", "--epochs x", "--jit 3"])
 def test_bad_flags_exit_2(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", *flag.split()])
     assert exit_info.value.code == 2
     if "poisson" in flag:
         assert "choose one of: bernoulli" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--epochs 0", "--epochs must be a positive integer, got 0"),
+        ("--lr -1", "--lr must be a positive number, got -1.0"),
+        ("--clip-norm 0", "--clip-norm must be a positive number or None"),
+        ("--batch-size 100 --shards 3", "cannot be cut into 3 equal shards"),
+    ],
+)
+def test_training_values_are_checked_by_train_config_and_named_by_flag(flag, message, tmp_path, capsys):
+    assert main(["train", *flag.split(), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_training_flags_are_the_train_config_fields():
+    import argparse
+    import dataclasses
+
+    from pyro_vae.cli.main import parser
+    from pyro_vae.config import TrainConfig
+
+    train = next(
+        action for action in parser()._actions if isinstance(action, argparse._SubParsersAction)
+    ).choices["train"]
+    group = next(g for g in train._action_groups if g.title == "training")
+    flags = {a.option_strings[0]: a for a in group._group_actions}
+    for field in dataclasses.fields(TrainConfig):
+        action = flags["--" + field.name.replace("_", "-")]
+        assert action.default == field.default and action.help == field.metadata.get("help")
+    assert {"--no-fused-adam", "--no-jit"} <= {s for a in group._group_actions for s in a.option_strings}
+    # Parsing no training flag at all gives TrainConfig's defaults.
+    args = parser().parse_args(["train"])
+    assert (
+        TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+        == TrainConfig()
+    )
+
+
+def test_a_run_folder_of_the_old_layout_still_loads(digits_run, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(digits_run, old)
+    config = json.loads((old / "config.json").read_text())
+    config["model"] = config["model"]["options"]  # before user models: the ModelConfig fields themselves
+    (old / "config.json").write_text(json.dumps(config))
+    run, again = load_run(old), load_run(digits_run)
+    assert run.model_config == again.model_config
+    for (name, mine), theirs in zip(
+        run.vae.state_dict().items(), again.vae.state_dict().values(), strict=True
+    ):
+        assert torch.equal(mine, theirs), name
 
 
 def test_list_prints_every_registered_component(capsys):
@@ -192,7 +249,7 @@ def test_two_layer_model_trains_and_reports_each_layer(inference, tmp_path, caps
         str(out),
     ]
     assert main(argv) == 0
-    config = json.loads((out / "config.json").read_text())["model"]
+    config = json.loads((out / "config.json").read_text())["model"]["options"]
     assert config["latent_dims"] == [6, 3] and config["inference"] == inference
     report = tmp_path / "eval.json"
     assert main(["evaluate", str(out), "--num-samples", "100", "--json", str(report)]) == 0

@@ -151,3 +151,57 @@ def test_build_rejects_unknown_names_and_options():
     with pytest.raises(ValueError, match="inference must be one of bottom-up, ladder"):
         ModelConfig(data_dim=DATA_DIM, inference="top-down")
     assert small_vae(likelihood="gaussian", likelihood_options={"scale": 0.5}).likelihood.scale == 0.5
+
+
+class _Bare(torch.nn.Module):
+    """A built-in model seen through the contract alone: its model and guide, none of its abilities."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def model(self, x, *, num_data=None):
+        return self.inner.model(x, num_data=num_data)
+
+    def guide(self, x, *, num_data=None):
+        return self.inner.guide(x, num_data=num_data)
+
+
+@pytest.mark.parametrize(
+    "latent_dims,inference", [((3,), "bottom-up"), ((4, 2), "bottom-up"), ((4, 2), "ladder")]
+)
+def test_explicit_abilities_agree_with_the_ones_derived_from_model_and_guide(latent_dims, inference):
+    from pyro_vae.models import abilities
+
+    config = ModelConfig(data_dim=DATA_DIM, latent_dims=latent_dims, hidden_dims=(16,), inference=inference)
+    vae, x = build_vae(config), binary_data(6)
+    bare = _Bare(vae)
+    sites = abilities.latent_sites(vae, x)
+    assert sites == abilities.latent_sites(bare, x) == tuple(vae.latent_sites)
+    # The guide's first site has a closed-form mean; later ones are Monte-Carlo averages over the same draws.
+    first = sites[0] if inference == "bottom-up" else sites[-1]
+    pyro.set_rng_seed(1)
+    explicit = abilities.posterior_means(vae, x)
+    pyro.set_rng_seed(1)
+    derived = abilities.posterior_means(bare, x)
+    torch.testing.assert_close(explicit, derived)
+    posterior_first = vae.posterior(x).mean if len(latent_dims) == 1 else None
+    if posterior_first is not None:
+        torch.testing.assert_close(explicit[first], posterior_first)
+    for given in (explicit, {sites[-1]: explicit[sites[-1]]}):
+        torch.testing.assert_close(vae.decode(given), abilities.decode(bare, given, like=x))
+    # The ladder's reconstruct takes z1's mean given one draw of the layers above, so only bottom-up compares.
+    if inference == "bottom-up":
+        torch.testing.assert_close(vae.reconstruct(x), vae.decode({sites[0]: explicit[sites[0]]}))
+    pyro.set_rng_seed(2)
+    drawn = vae.sample_latents(5)
+    pyro.set_rng_seed(2)
+    torch.testing.assert_close(vae.sample(5), vae.decode(drawn))
+    assert {k: v.shape for k, v in drawn.items()} == {
+        k: v.shape for k, v in abilities.sample_latents(bare, 5, like=x).items()
+    }
+    vae.check_data(x)
+    abilities.check_data(bare, x)
+    for model in (vae, bare):
+        with pytest.raises(ValueError, match=r"binary|support"):
+            abilities.check_data(model, torch.full((2, DATA_DIM), 0.5))

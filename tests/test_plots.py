@@ -9,8 +9,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from pyro_vae import build_vae, load_run
+from pyro_vae import load_run
 from pyro_vae.cli import main
+from pyro_vae.models.spec import ModelSpec
 from pyro_vae.plots import (
     PLOT_FILES,
     plot_interpolation,
@@ -101,7 +102,8 @@ def test_traversal_and_interpolation_options(runs, tmp_path):
 def test_manifold_needs_a_2d_latent(runs, tmp_path):
     run = runs["flat"]
     config = dataclasses.replace(run.model_config, latent_dims=(3,))
-    wide = dataclasses.replace(run, model_config=config, vae=build_vae(config))
+    spec = ModelSpec.builtin(config)
+    wide = dataclasses.replace(run, model_spec=spec, vae=spec.build())
     with pytest.raises(ValueError, match="2-D latent"):
         plot_manifold(wide, tmp_path / "m.png")
     notes: list[str] = []
@@ -114,7 +116,8 @@ def test_manifold_needs_a_2d_latent(runs, tmp_path):
 
 def test_data_that_are_not_images(runs, tmp_path):
     run = runs["flat"]
-    flat = dataclasses.replace(run, model_config=dataclasses.replace(run.model_config, image_shape=None))
+    no_images = ModelSpec.builtin(dataclasses.replace(run.model_config, image_shape=None))
+    flat = dataclasses.replace(run, model_spec=no_images)
     for draw in (
         plot_reconstructions,
         plot_prior_samples,

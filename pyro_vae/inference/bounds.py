@@ -34,6 +34,9 @@ class Bounds:
     khat: torch.Tensor | None
     ess: torch.Tensor | None
     num_samples: int
+    # Global latent sites fixed at the guide's plug-in value g*: the estimates are then of log p(x_i | g*)
+    # (see pyro_vae.inference.conditioning). Empty for a model whose latents are all per datum.
+    conditional_on: tuple[str, ...] = ()
 
     @property
     def num_data(self) -> int:
@@ -41,9 +44,12 @@ class Bounds:
 
     @classmethod
     def concatenate(cls, parts: Sequence[Bounds]) -> Bounds:
-        """The bounds of consecutive slices of a data set, joined in order (all with the same K)."""
-        if not parts or len({part.num_samples for part in parts}) != 1:
-            raise PyroVAEError("concatenate needs one or more Bounds, all from the same number of samples")
+        """The bounds of consecutive slices of a data set, joined in order (all with the same K and globals)."""
+        if not parts or len({(part.num_samples, part.conditional_on) for part in parts}) != 1:
+            raise PyroVAEError(
+                "concatenate needs one or more Bounds, all from the same number of samples and conditional "
+                "on the same global sites"
+            )
 
         def cat(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
             return None if any(t is None for t in tensors) else torch.cat(tensors)  # type: ignore[arg-type]
@@ -56,6 +62,7 @@ class Bounds:
             khat=cat([part.khat for part in parts]),
             ess=cat([part.ess for part in parts]),
             num_samples=parts[0].num_samples,
+            conditional_on=parts[0].conditional_on,
         )
 
     def summary(self, *, data_dim: int | None = None, bits_scale: float = 1.0) -> dict[str, Any]:
@@ -65,6 +72,8 @@ class Bounds:
         ``nll = -log_px``; ``bits_per_dim = nll / (data_dim ln 2)`` when
         ``data_dim`` is given (``bits_scale`` adds a constant number of nats per
         dimension, e.g. ln 256 for data scaled from 0..255 to [0, 1]).
+        ``conditional_on`` lists the global latent sites the estimates are
+        conditional on (at the guide's plug-in value), ``[]`` for most models.
         """
         n = self.num_data
         log_px = float(self.log_px.mean())
@@ -79,6 +88,7 @@ class Bounds:
             "khat_frac_above_0_7": None,
             "num_samples": self.num_samples,
             "num_data": n,
+            "conditional_on": list(self.conditional_on),
         }
         if data_dim is not None:
             out["bits_per_dim"] = (-log_px / data_dim + math.log(bits_scale)) / math.log(2)

@@ -42,8 +42,9 @@ from .._typing import ModelFn
 from ..components.kernels import AUTO_ROWS, compiled_kernels
 from ..errors import PyroVAEError
 from .bounds import Bounds, default_iwae_ks
+from .conditioning import per_datum_pair
 from .psis import MIN_SAMPLES_FOR_KHAT, psis_khat
-from .traces import ROWS_PER_PASS, plate_nesting, traced_log_weights
+from .traces import ROWS_PER_PASS, traced_log_weights
 
 __all__ = ["check_sampling_args", "evaluate_bounds", "log_marginal"]
 
@@ -88,6 +89,13 @@ def evaluate_bounds(
     one fused kernel (:mod:`pyro_vae.kernels`); ``None`` does so for evaluations
     of at least ``kernels.AUTO_ROWS`` (datum, sample) rows, where the seconds
     spent compiling are won back.
+
+    The pair is validated first (:func:`~pyro_vae.inference.validate_pair`):
+    a guide that does not match its model raises :class:`PyroVAEError`
+    instead of giving a number. A model with global latents (sites outside the
+    data plate) is evaluated at the guide's plug-in value g* of them, as
+    log p(x_i | g*) (:mod:`pyro_vae.inference.conditioning`); the bounds name
+    those sites in ``conditional_on``.
     """
     check_sampling_args(x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size)
     ks = sorted(set(default_iwae_ks(num_samples) if iwae_ks is None else iwae_ks))
@@ -97,31 +105,33 @@ def evaluate_bounds(
     if data_chunk_size is None:
         data_chunk_size = max(1, ROWS_PER_PASS // chunk_size)
 
+    pair = per_datum_pair(model, guide, x)
     chunks: list[Bounds] = []
     show = sys.stdout.isatty() if progress is None else progress
     fuse = x.shape[0] * num_samples >= AUTO_ROWS if compile is None else compile
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block(), compiled_kernels(fuse):
-        nesting = plate_nesting(model, guide, (x[:1],), {})
         for xs in tqdm(
             x.split(data_chunk_size), disable=not show, desc="log p(x)", unit="chunk", file=sys.stderr
         ):
             log_w = torch.cat(
                 [
                     traced_log_weights(
-                        model,
-                        guide,
+                        pair.model,
+                        pair.guide,
                         xs,
                         num_samples=min(chunk_size, num_samples - start),
-                        max_plate_nesting=nesting,
+                        max_plate_nesting=pair.max_plate_nesting,
                     )[0]
                     for start in range(0, num_samples, chunk_size)
                 ]
             )  # [K, n] float64
-            chunks.append(_reduce(log_w, ks, diagnostics=diagnostics))
+            chunks.append(_reduce(log_w, ks, diagnostics=diagnostics, conditional_on=pair.conditional_on))
     return Bounds.concatenate(chunks)
 
 
-def _reduce(log_w: torch.Tensor, ks: Sequence[int], *, diagnostics: bool) -> Bounds:
+def _reduce(
+    log_w: torch.Tensor, ks: Sequence[int], *, diagnostics: bool, conditional_on: tuple[str, ...] = ()
+) -> Bounds:
     """The bounds of one chunk of data from its log-weights ``log_w`` [K, n] float64, moved to the CPU."""
     num_samples = log_w.shape[0]
     log_px = torch.logsumexp(log_w, 0) - math.log(num_samples)
@@ -152,6 +162,7 @@ def _reduce(log_w: torch.Tensor, ks: Sequence[int], *, diagnostics: bool) -> Bou
         khat=khat,
         ess=ess,
         num_samples=num_samples,
+        conditional_on=conditional_on,
     )
 
 
@@ -164,7 +175,10 @@ def log_marginal(
     chunk_size: int = 1000,
     data_chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """log p̂(x_i) = logsumexp_k [log p(x_i, z_k) - log q(z_k | x_i)] - log K for every datum: [N] float64."""
+    """log p̂(x_i) = logsumexp_k [log p(x_i, z_k) - log q(z_k | x_i)] - log K for every datum: [N] float64.
+
+    The ``log_px`` of :func:`evaluate_bounds` (validation and global latents included), without the rest.
+    """
     return evaluate_bounds(
         model,
         guide,

@@ -12,7 +12,8 @@ from pyro import poutine
 
 from .._typing import ModelFn
 from ..errors import PyroVAEError
-from .traces import PARTICLE_PLATE, ROWS_PER_PASS, paired_traces, plate_nesting, site_log_density
+from .conditioning import per_datum_pair
+from .traces import PARTICLE_PLATE, ROWS_PER_PASS, paired_traces, site_log_density
 
 __all__ = ["latent_layers"]
 
@@ -62,18 +63,21 @@ def latent_layers(
       posterior mean does not move with x carries no information about it.
 
     Returns one dict per layer, lowest first: ``{"site", "dim", "kl", "active_units"}``.
+    The pair is validated first; global latents (sites outside the data plate)
+    are not layers: they are fixed at the guide's plug-in value, and every
+    share is then conditional on it (:mod:`pyro_vae.inference.conditioning`).
     """
-    if num_samples < 1:
-        raise PyroVAEError(f"num_samples must be a positive integer, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise PyroVAEError(f"num_samples must be a positive integer, got {num_samples!r}")
+    pair = per_datum_pair(model, guide, x)
     data_chunk_size = data_chunk_size or max(1, ROWS_PER_PASS // num_samples)
     kl: dict[str, list[torch.Tensor]] = {}
     means: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block():
-        nesting = plate_nesting(model, guide, (x[:1],), {})
-        particle_dim = -nesting - 1
+        particle_dim = -pair.max_plate_nesting - 1
         for xs in x.split(data_chunk_size):
             with pyro.plate(PARTICLE_PLATE, num_samples, dim=particle_dim):
-                guide_trace, model_trace = paired_traces(model, guide, (xs,), {})
+                guide_trace, model_trace = paired_traces(pair.model, pair.guide, (xs,), {})
             for name, site in guide_trace.nodes.items():
                 if site["type"] != "sample" or site["is_observed"]:
                     continue

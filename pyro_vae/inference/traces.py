@@ -72,8 +72,9 @@ def site_log_density(site: dict[str, Any], *, particle_dim: int) -> torch.Tensor
     frames = {frame.name: frame for frame in site["cond_indep_stack"]}
     if "data" not in frames:
         raise PyroVAEError(
-            f"sample site {site['name']!r} is outside pyro.plate('data', ...): per-datum log p(x) needs every "
-            "sample site of the model and guide inside the data plate"
+            f"sample site {site['name']!r} is outside pyro.plate('data', ...): per-datum log-weights need every "
+            "sample site of the model and guide inside the data plate (the evaluators fix global latents at "
+            "the guide's plug-in value first: pyro_vae.inference.per_datum_pair)"
         )
     data_dim = frames["data"].dim
     log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])

@@ -14,11 +14,15 @@ silently wrong:
 - model and guide agree on each site's event and batch shape (the same check);
 - observed sites are not drawn by the guide;
 - every site's log-density has the shape its plates declare (Pyro's
-  ``check_site_shape``);
+  ``check_site_shape``), with no batch dimension outside every plate;
 - an objective that cannot handle a site refuses it: ``iwae`` and
   ``mean-field`` need reparameterized guide sites (a discrete site would get a
-  silently wrong gradient), and ``mean-field`` needs the guide to draw the
-  latents in the model's order.
+  silently wrong gradient), ``mean-field`` needs the guide to draw the latents
+  in the model's order, and ``iwae``, a bound per data point, cannot train a
+  global latent.
+
+Pyro's own errors while the pair runs (a shape that no plate explains, data
+outside a distribution's support) become :class:`PyroVAEError` too, on one line.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ _NEEDS_RSAMPLE = {"iwae": "the importance-weighted bound", "mean-field": "the me
 class PairStructure:
     """What :func:`validate_pair` found: site names in the model's order."""
 
-    # Latent sites inside the data plate (one value per datum), lowest layer first as the model draws them.
+    # Latent sites inside the data plate (one value per datum), in the order the model draws them.
     local: tuple[str, ...]
     # Latent sites outside the data plate: global latents shared by all data points.
     global_: tuple[str, ...]
@@ -53,6 +57,9 @@ class PairStructure:
     observed: tuple[str, ...]
     # The deepest plate nesting of any site (the data plate counts 1).
     max_plate_nesting: int
+    # Observed sites outside the data plate (a pyro.factor on the globals, say): one term for the whole data
+    # set, which training takes and a per-datum log p(x_i) cannot divide among the data points.
+    global_observed: tuple[str, ...] = ()
 
     @property
     def latent(self) -> tuple[str, ...]:
@@ -77,9 +84,16 @@ def _names(names: Any) -> str:
     return ", ".join(repr(n) for n in sorted(names))
 
 
-def _one_line(error: BaseException) -> str:
-    # Pyro's messages span several lines ("\n  Try one of the following fixes: ..."): keep them as one.
-    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+def _one_line(error: BaseException | Warning | str) -> str:
+    # Pyro's messages span several lines ("\n  Try one of the following fixes: ...") and, raised inside a
+    # trace, end with a table of the trace's shapes: keep the message, on one line.
+    message = str(error).split("Trace Shapes:")[0]
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def _options(loss: str) -> str:
+    """How to ask for the objective ``loss`` from Python and from the command line."""
+    return f"loss={loss!r} (--loss {loss})"
 
 
 def validate_pair(
@@ -101,8 +115,27 @@ def validate_pair(
         raise PyroVAEError("x must be a non-empty tensor whose first dimension indexes data points")
     sample = x[:2]
     kwargs = {} if num_data is None else {"num_data": num_data}
-    with torch.no_grad():
-        guide_trace, model_trace = dry_traces(model, guide, (sample,), kwargs)
+    try:
+        with torch.no_grad():
+            guide_trace, model_trace = dry_traces(model, guide, (sample,), kwargs)
+    except PyroVAEError:
+        raise
+    except ValueError as error:
+        # Pyro's checks as the pair runs: a batch shape that disagrees with a plate, an observed value
+        # outside its distribution's support. Those are the pair's (or the data's) mistakes, not ours.
+        raise PyroVAEError(
+            f"running the model and guide on two data points failed: {_one_line(error)}"
+        ) from error
+    except RuntimeError as error:
+        # Pyro's trace refuses two sites of one name (a second data_plate(...) in one function opens a second
+        # "data" plate); any other RuntimeError is a bug in the model and keeps its traceback.
+        if not str(error).startswith("Multiple sample sites named"):
+            raise
+        name = str(error).split("'")[1] if "'" in str(error) else "?"
+        raise PyroVAEError(
+            f"the model or guide has two sample sites named {name!r}: every site needs its own name "
+            "(open data_plate(x, num_data) once per function and put every per-datum site inside it)"
+        ) from error
     observed = _samples(model_trace, observed=True)
     model_latents = _samples(model_trace, observed=False)
     guide_sites = _samples(guide_trace)
@@ -154,7 +187,7 @@ def validate_pair(
     for warning in caught:
         # Everything about the sites was checked above; what is left (plates in the guide that the
         # model lacks) would also make the numbers wrong.
-        raise PyroVAEError(f"the guide does not match the model: {_one_line(warning.message)}")  # type: ignore[arg-type]
+        raise PyroVAEError(f"the guide does not match the model: {_one_line(warning.message)}")
     for trace, role in ((model_trace, "model"), (guide_trace, "guide")):
         try:
             trace.compute_log_prob()
@@ -162,28 +195,61 @@ def validate_pair(
                 check_site_shape(site, nesting)
         except ValueError as error:
             raise PyroVAEError(f"in the {role}: {_one_line(error)}") from None
+        for name, site in _samples(trace).items():
+            # check_site_shape ignores dimensions left of the deepest plate; an evaluator's particle plate
+            # goes there, so a batch dimension in no plate would be taken for particles.
+            if site["log_prob"].dim() > nesting:
+                raise PyroVAEError(
+                    f"in the {role}, site {name!r} has batch shape {list(site['log_prob'].shape)}, with "
+                    f"{site['log_prob'].dim() - nesting} dimension(s) left of every plate; declare them with "
+                    "pyro.plate or move them into the event with .to_event()"
+                )
     if not any(_in_data_plate(site) for site in observed.values()):
         raise PyroVAEError(
             f"the observed site(s) {_names(observed)} are outside pyro.plate('data', ...): put the data "
             "in pyro_vae.data_plate(x, num_data) so each data point has its own log p(x)"
         )
+    local = tuple(n for n, s in model_latents.items() if _in_data_plate(s))
+    global_ = tuple(n for n, s in model_latents.items() if not _in_data_plate(s))
+    if loss is not None:
+        _check_objective(loss, model_latents=list(model_latents), guide_sites=guide_sites, global_=global_)
+    return PairStructure(
+        local=local,
+        global_=global_,
+        observed=tuple(observed),
+        max_plate_nesting=nesting,
+        global_observed=tuple(n for n, s in observed.items() if not _in_data_plate(s)),
+    )
+
+
+def _check_objective(
+    loss: str, *, model_latents: list[str], guide_sites: dict[str, dict[str, Any]], global_: tuple[str, ...]
+) -> None:
+    """Refuse a pair that the objective ``loss`` would train with a silently wrong gradient or bound."""
     if loss in _NEEDS_RSAMPLE:
         for name, site in guide_sites.items():
             if not site["fn"].has_rsample:
                 raise PyroVAEError(
-                    f"{_NEEDS_RSAMPLE[loss]} (--loss {loss}) differentiates through reparameterized samples, "
-                    f"but the guide's site {name!r} ({type(site['fn']).__name__}) has none, so its gradient "
-                    "would be wrong; use --loss elbo, which adds the score-function term for such sites"
+                    f"{_NEEDS_RSAMPLE[loss]} ({_options(loss)}) differentiates through reparameterized "
+                    f"samples, but the guide's site {name!r} ({type(site['fn']).__name__}) has none, so its "
+                    f"gradient would be wrong; use {_options('elbo')}, which adds the score-function term "
+                    "for such sites"
                 )
+    if loss == "iwae" and global_:
+        raise PyroVAEError(
+            f"the importance-weighted bound ({_options(loss)}) is a sum of bounds on each data point's "
+            f"log p(x_i), which the global latent site(s) {_names(global_)} outside pyro.plate('data', ...) "
+            f"tie together; use {_options('elbo')} or {_options('mean-field')}"
+        )
     if loss == "mean-field":
-        model_order = [n for n in model_latents]
-        guide_order = [n for n in guide_sites]
-        if model_order != guide_order:
+        # KL(q(z_l | ...) || p(z_l | z_parents)) is taken at the guide's parent samples; that is the ELBO only
+        # when the guide draws the latents in the model's order. A bottom-up guide draws z1 before z2, so
+        # the closed-form KL of z1 would condition on a z2 that itself depends on z1: a biased loss.
+        guide_order = list(guide_sites)
+        if model_latents != guide_order:
             raise PyroVAEError(
                 "the mean-field loss needs the guide to draw the latents in the model's order "
-                f"({', '.join(model_order)}), but it draws {', '.join(guide_order)}; use --loss elbo, or "
-                "a guide that draws top-down (for a hierarchical VAE: --inference ladder)"
+                f"({', '.join(model_latents)}), but it draws {', '.join(guide_order)}; use "
+                f"{_options('elbo')}, or a guide that draws top-down (for a built-in hierarchical VAE: "
+                "inference='ladder', --inference ladder)"
             )
-    local = tuple(n for n, s in model_latents.items() if _in_data_plate(s))
-    global_ = tuple(n for n, s in model_latents.items() if not _in_data_plate(s))
-    return PairStructure(local=local, global_=global_, observed=tuple(observed), max_plate_nesting=nesting)

@@ -1,4 +1,4 @@
-r"""The importance samples of a VAE as an ArviZ ``InferenceData``, written to netCDF.
+r"""The importance samples of a VAE as an ArviZ ``InferenceData`` (0.2x) or ``DataTree`` (1.x), in netCDF.
 
 For every exported data point x_i, K draws z_k ~ q(z | x_i) from the guide, the
 model replayed on them, and per draw::
@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import arviz
 import numpy as np
 import pyro
 import torch
@@ -48,9 +47,11 @@ from pyro.poutine.util import prune_subsample_sites
 
 from .._typing import DeviceLike, ModelFn
 from ..errors import PyroVAEError
+from ..inference.conditioning import per_datum_pair
 from ..inference.importance import check_sampling_args
 from ..inference.psis import MIN_SAMPLES_FOR_KHAT, psis_khat
-from ..inference.traces import ROWS_PER_PASS, plate_nesting, site_log_density, traced_log_weights
+from ..inference.traces import ROWS_PER_PASS, site_log_density, traced_log_weights
+from .arviz_compat import InferenceDataLike, group_names, make_inference_data, write_netcdf
 
 __all__ = ["export_run", "to_inference_data"]
 
@@ -128,11 +129,11 @@ def _draw(
     num_samples: int,
     chunk_size: int,
     data_chunk_size: int,
+    nesting: int,
 ) -> _Draws:
     # The loop of evaluate_bounds (data chunks outside, particle chunks inside), so that the same seed and
     # chunk sizes consume the random stream identically and give its samples.
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block():
-        nesting = plate_nesting(model, guide, (x[:1],), {})
         chunks = [
             _cat(
                 [
@@ -158,8 +159,11 @@ def to_inference_data(
     seed: int | None = None,
     chunk_size: int = 1000,
     data_chunk_size: int | None = None,
-) -> arviz.InferenceData:
-    r"""K importance samples z_k ~ q(z | x_i) per data point, with their log-densities, as InferenceData.
+) -> InferenceDataLike:
+    r"""K importance samples z_k ~ q(z | x_i) per data point, with their log-densities, for ArviZ.
+
+    The object is the installed ArviZ's: ``arviz.InferenceData`` under 0.2x,
+    ``xarray.DataTree`` under 1.x; both index the groups as ``data["posterior"]``.
 
     ``model(x)`` and ``guide(x)`` are Pyro functions whose sample sites sit in
     ``pyro.plate("data", ...)``, as :class:`~pyro_vae.model.VAE` and
@@ -198,13 +202,21 @@ def to_inference_data(
         )
     chunk_size = min(chunk_size, num_samples)
     data_chunk_size = data_chunk_size or max(1, ROWS_PER_PASS // chunk_size)
+    # Validated, and global latents fixed at the guide's plug-in value, exactly as evaluate_bounds does.
+    pair = per_datum_pair(model, guide, x)
 
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
         draws = _draw(
-            model, guide, x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size
+            pair.model,
+            pair.guide,
+            x,
+            num_samples=num_samples,
+            chunk_size=chunk_size,
+            data_chunk_size=data_chunk_size,
+            nesting=pair.max_plate_nesting,
         )
     log_lik = sum(draws.log_lik.values(), torch.zeros_like(draws.log_q))
     log_w = log_lik + draws.log_prior - draws.log_q  # [K, n]
@@ -236,6 +248,8 @@ def to_inference_data(
         "inference_library_version": pyro.__version__,
         "num_samples": num_samples,
         "sampling": "importance sampling with the guide q(z|x) as proposal",
+        # Global latent sites fixed at the guide's plug-in value: every density is then given them.
+        "conditional_on": " ".join(pair.conditional_on),
     }
     groups = {
         "posterior": posterior,
@@ -249,7 +263,7 @@ def to_inference_data(
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
 
@@ -259,18 +273,14 @@ def _inference_data(
     *,
     coords: dict[str, Any],
     attrs: dict[str, Any],
-) -> arviz.InferenceData:
-    """The one place that builds the ArviZ object from {group: {variable: (dims, values)}}.
+) -> InferenceDataLike:
+    """The ArviZ object from {group: {variable: (dims, values)}}.
 
     Each group is an xarray Dataset with the shared coords (and 0..d-1 for
-    every other dim) and ``attrs``; arviz 0.x wraps them in ``InferenceData``.
-    ``arviz.from_dict`` is not used: it wants (chain, draw) leading every
-    variable, which the per-datum ``khat`` and ``log_px`` do not have.
-    For arviz >= 1 (InferenceData is gone; arviz-base works on xarray.DataTree)
-    only this function changes: return
-    ``xarray.DataTree.from_dict({"/": xarray.Dataset(attrs=attrs), **{f"/{g}": ds}})``;
-    the groups, dims, coords and netCDF layout stay the same, and
-    ``arviz_base.from_netcdf`` reads the file back.
+    every other dim) and ``attrs``; :func:`~pyro_vae.io.arviz_compat.make_inference_data`
+    puts them in the installed ArviZ's container. ``arviz.from_dict`` is not
+    used: it wants (chain, draw) leading every variable, which the per-datum
+    ``khat`` and ``log_px`` do not have.
     """
     datasets = {}
     for group, variables in groups.items():
@@ -282,7 +292,7 @@ def _inference_data(
             coords=group_coords,
             attrs=attrs,
         )
-    return arviz.InferenceData(attrs=attrs, **datasets)
+    return make_inference_data(datasets, attrs=attrs)
 
 
 def export_run(
@@ -311,7 +321,9 @@ def export_run(
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise PyroVAEError(f"num_samples must be a positive integer, got {num_samples!r}")
     if indices is None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise PyroVAEError(f"limit must be a positive integer (how many data points to export), got {limit!r}")
+        raise PyroVAEError(
+            f"limit must be a positive integer (how many data points to export), got {limit!r}"
+        )
     run = load_run(run_dir, device=device)
     data = run.data(split)
     num_data = data.shape[0]
@@ -342,7 +354,7 @@ def export_run(
         seed=seed,
         chunk_size=chunk_size,
     )
-    for group in idata.groups():
+    for group in group_names(idata):
         idata[group].attrs.update(run_dir=str(run.path), split=split)
     idata.attrs.update(run_dir=str(run.path), split=split)
     path = Path(path)
@@ -350,7 +362,7 @@ def export_run(
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        idata.to_netcdf(tmp, engine="h5netcdf")
+        write_netcdf(idata, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,8 @@
 """A run folder: everything needed to rebuild, score and compare a trained model.
 
-    RUN_DIR/config.json   model, training and data configs (rebuilds the model)
+    RUN_DIR/config.json   model, training and data configs (rebuilds the model; see
+                          pyro_vae.models.spec for the "model" entry)
+    RUN_DIR/model_source.py  a copy of the model's source file, for a user's model from a file
     RUN_DIR/model.pt      the model's state dict
     RUN_DIR/metrics.csv   one row per epoch: epoch, train_elbo, test_elbo, seconds
     RUN_DIR/evaluation.json  the last importance-sampled evaluation, when one was made
@@ -15,20 +17,22 @@ import csv
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from .._typing import DeviceLike
+from .._typing import DeviceLike, VAEModel
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..errors import PyroVAEError
 from ..files import write_atomic, write_text_atomic
-from ..models.build import build_vae
-from ..models.vae import VAE
-from ..training.loop import EpochRecord
-from .binarization import prepare_split
-from .data import load_dataset
+from ..models.abilities import needs_binary_data
+from ..models.spec import SOURCE_FILE, ModelSpec
+from ..training.state import EpochRecord
+from .binarization import prepare_split, resolve_binarize
+from .data import Dataset, load_dataset
 
 __all__ = ["FORMAT", "Run", "is_run_dir", "load_run", "save_config", "save_evaluation", "save_run"]
 
@@ -41,16 +45,57 @@ class Run:
     """A trained model with its configs and history, as stored in a run folder."""
 
     path: Path
-    model_config: ModelConfig
+    model_spec: ModelSpec
     train_config: TrainConfig
     data_config: DataConfig
-    vae: VAE
+    vae: VAEModel
     history: list[EpochRecord] = field(default_factory=list)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The architecture of a built-in model (a user's model has its :attr:`model_spec` instead)."""
+        if self.model_spec.config is None:
+            raise PyroVAEError(
+                f"the model of {self.path} is a user's class ({self.model_spec.name}), which has no ModelConfig; "
+                "use run.model_spec"
+            )
+        return self.model_spec.config
+
+    @property
+    def image_shape(self) -> tuple[int, ...] | None:
+        """The shape of one data point as an image, for pictures (None: the data are not images)."""
+        return self.model_spec.data_image_shape
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        return load_dataset(self.data_config.dataset, data_dir=self.data_config.data_dir)
+
+    @cached_property
+    def binarize(self) -> str:
+        """The binarization of the run's data: the stored one, with ``auto`` resolved against the model."""
+        if self.data_config.binarize != "auto":
+            return self.data_config.binarize
+        binary = needs_binary_data(self.vae, self.dataset.split("train")[:2].to(_device(self.vae)))
+        return resolve_binarize("auto", dataset=self.dataset, likelihood_binary=binary)
 
     def data(self, split: str = "test") -> torch.Tensor:
         """The ``split`` of the run's data set, binarized as it was for training and evaluation."""
-        dataset = load_dataset(self.data_config.dataset, data_dir=self.data_config.data_dir)
-        return prepare_split(dataset, split, mode=self.data_config.binarize)
+        return prepare_split(self.dataset, split, mode=self.binarize)
+
+    def labels(self, split: str = "test") -> torch.Tensor | None:
+        """The int64 labels [N] of ``split``, or None when the data set has none."""
+        return self.dataset.labels(split)
+
+
+def _device(model: VAEModel) -> torch.device:
+    parameter = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    return torch.device("cpu") if parameter is None else parameter.device
+
+
+def _spec(model_config: ModelConfig | None, model_spec: ModelSpec | None) -> ModelSpec:
+    if (model_config is None) == (model_spec is None):
+        raise PyroVAEError("pass the model's model_config (a built-in model) or its model_spec, exactly one")
+    return model_spec if model_spec is not None else ModelSpec.builtin(model_config)  # type: ignore[arg-type]
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
@@ -60,15 +105,22 @@ def is_run_dir(path: str | os.PathLike[str]) -> bool:
 def save_config(
     path: str | os.PathLike[str],
     *,
-    model_config: ModelConfig,
+    model_config: ModelConfig | None = None,
+    model_spec: ModelSpec | None = None,
     train_config: TrainConfig,
     data_config: DataConfig,
 ) -> Path:
-    """Write ``config.json``: everything needed to rebuild the model and redo its training."""
+    """Write ``config.json`` (and a file model's source): everything needed to rebuild the model and redo its training.
+
+    The model is a built-in's ``model_config`` or any model's ``model_spec`` (exactly one).
+    """
     path = Path(path)
+    spec = _spec(model_config, model_spec)
+    if spec.source is not None:
+        write_text_atomic(path / SOURCE_FILE, spec.source)
     config = {
         "format": FORMAT,
-        "model": model_config.to_dict(),
+        "model": spec.to_dict(),
         "train": train_config.to_dict(),
         "data": data_config.to_dict(),
     }
@@ -79,14 +131,25 @@ def save_config(
 def save_run(
     path: str | os.PathLike[str],
     *,
-    vae: VAE,
-    model_config: ModelConfig,
+    vae: VAEModel,
+    model_config: ModelConfig | None = None,
+    model_spec: ModelSpec | None = None,
     train_config: TrainConfig,
     data_config: DataConfig,
     history: list[EpochRecord],
 ) -> Path:
-    """Write the run's three files into ``path`` (created if missing)."""
-    path = save_config(path, model_config=model_config, train_config=train_config, data_config=data_config)
+    """Write the run's files into ``path`` (created if missing); the model as in :func:`save_config`."""
+    path = save_config(
+        path,
+        model_config=model_config,
+        model_spec=model_spec,
+        train_config=train_config,
+        data_config=data_config,
+    )
+    if not isinstance(vae, nn.Module):
+        raise PyroVAEError(
+            f"a run folder saves the model's weights, so it must be an nn.Module, got {type(vae).__name__}"
+        )
     state = {name: tensor.detach().cpu() for name, tensor in vae.state_dict().items()}
     write_atomic(path / "model.pt", lambda handle: torch.save(state, handle))
     rows = ["epoch,train_elbo,test_elbo,seconds"]
@@ -102,7 +165,12 @@ def save_evaluation(path: str | os.PathLike[str], summary: dict[str, Any]) -> No
 
 
 def load_run(path: str | os.PathLike[str], *, device: DeviceLike = "cpu") -> Run:
-    """Rebuild the model of the run in ``path`` with its trained weights, on ``device``."""
+    """Rebuild the model of the run in ``path`` with its trained weights, on ``device``.
+
+    The model is built again through its :class:`~pyro_vae.models.spec.ModelSpec`: a
+    built-in's config, or a user's class from the run folder's copy of its
+    source file (from any working directory) or from its installed module.
+    """
     path = Path(path)
     missing = [name for name in _FILES if not (path / name).is_file()]
     if missing:
@@ -112,14 +180,18 @@ def load_run(path: str | os.PathLike[str], *, device: DeviceLike = "cpu") -> Run
         )
     try:
         config = json.loads((path / "config.json").read_text())
-        model_config = ModelConfig.from_dict(config["model"])
+        model_spec = ModelSpec.from_dict(config["model"], folder=path)
         train_config = TrainConfig.from_dict(config["train"])
         data_config = DataConfig.from_dict(config["data"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise PyroVAEError(
             f"{path / 'config.json'} is not a valid run config ({error}); retrain the run"
         ) from None
-    vae = build_vae(model_config)
+    vae = model_spec.build()
+    if not isinstance(vae, nn.Module):
+        raise PyroVAEError(
+            f"{model_spec.name} builds a {type(vae).__name__}, not an nn.Module with weights to load"
+        )
     try:
         state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
         vae.load_state_dict(state)
@@ -138,4 +210,4 @@ def load_run(path: str | os.PathLike[str], *, device: DeviceLike = "cpu") -> Run
             )
             for row in csv.DictReader(handle)
         ]
-    return Run(path, model_config, train_config, data_config, vae, history)
+    return Run(path, model_spec, train_config, data_config, vae, history)

@@ -1,8 +1,21 @@
-"""Models: the data plate every model uses, the VAE, the hierarchical VAE, and building one from a config."""
+"""Models: the data plate every model uses, the VAE, the hierarchical VAE, building one from a config or a
+user's class (:class:`ModelSpec`), and the optional abilities every consumer asks of a model (:mod:`.abilities`)."""
 
+from . import abilities
+from .abilities import AbilityMissing
 from .build import build_vae
 from .hierarchical import GaussianLayer, HierarchicalVAE
 from .plate import data_plate
+from .spec import ModelSpec
 from .vae import VAE
 
-__all__ = ["VAE", "GaussianLayer", "HierarchicalVAE", "build_vae", "data_plate"]
+__all__ = [
+    "VAE",
+    "AbilityMissing",
+    "GaussianLayer",
+    "HierarchicalVAE",
+    "ModelSpec",
+    "abilities",
+    "build_vae",
+    "data_plate",
+]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import inspect
 
-from torch import nn
-
 from ..components.guides import GUIDES
 from ..components.likelihoods import LIKELIHOODS
 from ..components.nets import NETWORKS, activation_class
@@ -31,11 +29,11 @@ def _build(registry, name: str, *, options: dict | None = None, **required):  # 
     return component(**required, **options)
 
 
-def build_vae(config: ModelConfig) -> nn.Module:
+def build_vae(config: ModelConfig) -> VAE | HierarchicalVAE:
     """The model that ``config`` describes, with freshly initialized weights.
 
     One latent size gives a :class:`VAE` (site ``"z"``); several give a
-    :class:`~pyro_vae.hierarchical.HierarchicalVAE` with sites ``"z1"`` (next to
+    :class:`~pyro_vae.models.hierarchical.HierarchicalVAE` with sites ``"z1"`` (next to
     x) ... ``"zL"`` (under the prior), inferred ``config.inference``-wise.
     """
     hierarchical = len(config.latent_dims) > 1

@@ -31,7 +31,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -44,6 +44,7 @@ from ..components.likelihoods import Likelihood
 from ..components.nets import MLP
 from ..components.priors import Prior
 from ..errors import PyroVAEError
+from .abilities import MEAN_SAMPLES, guide_means
 from .plate import data_plate
 
 __all__ = ["GaussianLayer", "HierarchicalVAE"]
@@ -142,6 +143,11 @@ class HierarchicalVAE(nn.Module):
         return len(self.latent_dims)
 
     @property
+    def latent_sites(self) -> tuple[str, ...]:
+        """The sites ``("z1", ..., "zL")``, the layer next to x first (the NamesLatents ability)."""
+        return tuple(f"z{layer}" for layer in range(1, self.num_layers + 1))
+
+    @property
     def latent_dim(self) -> int:
         return self.latent_dims[0]
 
@@ -212,6 +218,52 @@ class HierarchicalVAE(nn.Module):
             return self.guide_head(self.encoder(x)).mean
         trace = pyro.poutine.trace(self.guide).get_trace(x)
         return trace.nodes["z1"]["fn"].mean
+
+    @torch.no_grad()
+    def posterior_means(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """E_q[z_l | x] [N, d_l] for every layer.
+
+        Exact for the layer the guide draws first (z1 bottom-up, zL ladder); a
+        later layer's mean is E_q[ E_q[z_l | x, earlier layers] ], averaged over
+        :data:`~pyro_vae.models.abilities.MEAN_SAMPLES` draws of the earlier
+        layers from torch's global generator.
+        """
+        return guide_means(self.guide, x, sites=self.latent_sites, num_samples=MEAN_SAMPLES)
+
+    @torch.no_grad()
+    def decode(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The mean of p(x | z1) [N, D], z1 given or the mean of p(z1 | z2) ... down from the lowest layer given.
+
+        ``latents`` holds values [N, d_l] of some layers; a layer below the
+        lowest one given is set to the mean of p(z_l | z_{l+1}).
+        """
+        unknown = sorted(set(latents) - set(self.latent_sites))
+        if unknown or not latents:
+            raise PyroVAEError(
+                f"a {self.num_layers}-layer VAE decodes values of {', '.join(self.latent_sites)}, got "
+                f"{', '.join(sorted(latents)) or 'none'}"
+            )
+        z = None
+        for layer in range(self.num_layers, 0, -1):
+            if f"z{layer}" in latents:
+                z = latents[f"z{layer}"]
+            elif z is not None:
+                z = self.down[layer - 1](z).mean  # the mean of p(z_layer | z_{layer+1})
+        return self.likelihood(self.decoder(z)).mean
+
+    @torch.no_grad()
+    def sample_latents(self, num: int) -> dict[str, torch.Tensor]:
+        """``num`` ancestral draws z_L ~ p(z_L), z_l ~ p(z_l | z_{l+1}): ``{"z1": [num, d_1], ...}``."""
+        z = self.prior().sample((num,))
+        latents = {f"z{self.num_layers}": z}
+        for layer in range(self.num_layers - 1, 0, -1):
+            z = self.down[layer - 1](z).sample()
+            latents[f"z{layer}"] = z
+        return latents
+
+    def check_data(self, x: torch.Tensor) -> None:
+        """Refuse data outside the likelihood's support or of the wrong size (a PyroVAEError)."""
+        self.likelihood.check_data(x)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ with any ELBO, importance sampling, the evaluator in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -67,6 +69,9 @@ class VAE(nn.Module):
         self.guide_head = guide_head
         self.decoder = decoder
 
+    # The one latent site (the NamesLatents ability).
+    latent_sites = ("z",)
+
     @property
     def latent_dim(self) -> int:
         return self.prior.latent_dim
@@ -92,9 +97,32 @@ class VAE(nn.Module):
         return self.guide_head(self.encoder(x))
 
     @torch.no_grad()
+    def posterior_means(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """E_q[z | x] in closed form: ``{"z": [N, d]}``."""
+        return {"z": self.posterior(x).mean}
+
+    @torch.no_grad()
+    def decode(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The mean of p(x | z) [N, D] for ``{"z": [N, d]}``."""
+        if set(latents) != {"z"}:
+            raise PyroVAEError(
+                f"a VAE decodes its one latent site 'z', got {', '.join(sorted(latents)) or 'none'}"
+            )
+        return self.likelihood(self.decoder(latents["z"])).mean
+
+    @torch.no_grad()
+    def sample_latents(self, num: int) -> dict[str, torch.Tensor]:
+        """``num`` draws z ~ p(z): ``{"z": [num, d]}``."""
+        return {"z": self.prior().sample((num,))}
+
+    def check_data(self, x: torch.Tensor) -> None:
+        """Refuse data outside the likelihood's support or of the wrong size (a PyroVAEError)."""
+        self.likelihood.check_data(x)
+
+    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of p(x | z) at the posterior mean of q(z | x): [N, D]."""
-        return self.likelihood(self.decoder(self.posterior(x).mean)).mean
+        return self.decode(self.posterior_means(x))
 
     @torch.no_grad()
     def sample(self, num_samples: int, *, mean: bool = True) -> torch.Tensor:

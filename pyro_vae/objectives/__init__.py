@@ -12,6 +12,11 @@ return the loss as a tensor on the model's device (no host synchronisation).
 - ``iwae``: the importance-weighted bound of Burda et al. (2016),
   sum_i log (1/K) sum_k w_ik, per data point.
 
+Each checks the model and guide against each other the first time it sees
+them (:func:`pyro_vae.inference.validate_pair`, with the objective's name, so
+that ``iwae`` and ``mean-field`` refuse a guide site without ``rsample``, and
+``iwae`` a global latent), on a copy of the random state.
+
 ``make_loss(name, jit=True)`` wraps any of them in :class:`JitELBO`, which
 compiles the loss with Pyro's ``pyro.ops.jit.trace`` (TorchScript): the
 model and guide run in Python once per input shape, and every later step

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 from pyro.infer import ELBO, Trace_ELBO
 
-from .base import _TensorLoss
+from .base import _ChecksPair, _TensorLoss
 from .registry import LOSSES
 
 __all__ = ["DeviceTrace_ELBO", "trace_elbo"]
 
 
-class DeviceTrace_ELBO(_TensorLoss, Trace_ELBO):
+class DeviceTrace_ELBO(_ChecksPair, _TensorLoss, Trace_ELBO):
     """Pyro's Trace_ELBO, with the loss kept as a tensor on the model's device.
 
     Trace_ELBO converts each site's log-probability sum to a Python float while it
@@ -20,10 +20,15 @@ class DeviceTrace_ELBO(_TensorLoss, Trace_ELBO):
     every guide of this package) the surrogate loss *is* the loss,
     -(sum of model log-probs - sum of guide log-probs) / num_particles, so it is
     built from tensors alone. Guides with non-reparameterized sites get
-    Trace_ELBO's score-function surrogate unchanged.
+    Trace_ELBO's score-function surrogate unchanged. The pair is validated on
+    first use (:class:`~pyro_vae.objectives.base._ChecksPair`): Trace_ELBO
+    itself only warns, with validation on, about a guide that misses a latent.
     """
 
+    validates_as = "elbo"
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        self.check_pair(model, guide, args, kwargs)
         loss: torch.Tensor | float = 0.0
         for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
             latent_sites = [
@@ -38,6 +43,10 @@ class DeviceTrace_ELBO(_TensorLoss, Trace_ELBO):
                     *self._differentiable_loss_particle(model_trace, guide_trace)
                 )
         return torch.as_tensor(loss)
+
+    def loss(self, model, guide, *args, **kwargs) -> float:  # type: ignore[no-untyped-def]
+        self.check_pair(model, guide, args, kwargs)
+        return super().loss(model, guide, *args, **kwargs)
 
 
 @LOSSES.register("elbo")

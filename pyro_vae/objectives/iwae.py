@@ -8,13 +8,13 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO
 
 from ..inference.traces import traced_log_weights
-from .base import _TensorLoss
+from .base import _ChecksPair, _TensorLoss
 from .registry import LOSSES
 
 __all__ = ["IWAE_ELBO", "iwae"]
 
 
-class IWAE_ELBO(_TensorLoss, Trace_ELBO):
+class IWAE_ELBO(_ChecksPair, _TensorLoss, Trace_ELBO):
     r"""The importance-weighted bound of Burda et al. (2016), per data point and vectorized.
 
     For a minibatch of M out of N data points and K samples z_k ~ q(z | x_i)::
@@ -27,9 +27,18 @@ class IWAE_ELBO(_TensorLoss, Trace_ELBO):
     scale multiplies the per-datum bounds, never the log-weights inside the
     log-sum-exp (scaling inside, as pyro's RenyiELBO does with subsampling,
     changes the bound).
+
+    The gradient is that of the reparameterized samples alone (no
+    score-function term), and the bound is a sum over data points: the first
+    call refuses a guide with a site that has no ``rsample`` (a discrete site)
+    and a model with global latents, naming the site
+    (:func:`~pyro_vae.inference.validate_pair` with ``loss="iwae"``).
     """
 
+    validates_as = "iwae"
+
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        self.check_pair(model, guide, args, kwargs)
         log_w, scale = traced_log_weights(
             model,
             guide,

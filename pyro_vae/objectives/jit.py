@@ -9,7 +9,7 @@ import pyro.ops.jit
 import torch
 from pyro.infer import ELBO
 
-from .base import _TensorLoss, random_state_kept
+from .base import _TensorLoss, pair_key, random_state_kept
 
 __all__ = ["JitELBO"]
 
@@ -33,7 +33,9 @@ class JitELBO(_TensorLoss, ELBO):
     present, torch's low-rank Gaussian), a warning says so and that loss runs
     eagerly. All of this happens on a copy of the random-number state, so a
     compiled loss draws exactly the random numbers the plain one draws, and
-    gives the same value for the same seed.
+    gives the same value for the same seed. The inner loss checks the pair
+    (:class:`~pyro_vae.objectives.base._ChecksPair`) before the first trace,
+    eagerly, so that no graph records the check.
     """
 
     def __init__(self, loss: ELBO) -> None:
@@ -43,12 +45,19 @@ class JitELBO(_TensorLoss, ELBO):
             vectorize_particles=loss.vectorize_particles,
         )
         self.inner = loss
-        self._compiled: dict[tuple[int, int], Callable[..., torch.Tensor]] = {}
+        self._compiled: dict[tuple, Callable[..., torch.Tensor]] = {}
         self._seen: set[tuple] = set()
         self._eager: set[tuple] = set()  # keys whose trace disagreed with the eager loss
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        compiled = self._compiled.get((id(model), id(guide)))
+        check_pair = getattr(self.inner, "check_pair", None)
+        if check_pair is not None:
+            # Here, eagerly, not inside the trace: the trace would record the check's dry run.
+            check_pair(model, guide, args, kwargs)
+        pair = pair_key(
+            model, guide
+        )  # the compiled function keeps model and guide alive: the key stays theirs
+        compiled = self._compiled.get(pair)
         if compiled is None:
             inner = self.inner
 
@@ -57,10 +66,10 @@ class JitELBO(_TensorLoss, ELBO):
                 kwargs.pop("_signature")  # only there to key the graph on the input shapes
                 return inner.differentiable_loss(model, guide, *args, **kwargs)
 
-            self._compiled[(id(model), id(guide))] = compiled
+            self._compiled[pair] = compiled
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         signature = tuple((tuple(a.shape), a.dtype, str(a.device)) for a in tensors)
-        key = (id(model), id(guide), signature, tuple(sorted(kwargs.items())))
+        key = (pair, signature, tuple(sorted(kwargs.items())))
         if key not in self._seen:
             self._compile_and_check(compiled, key, model, guide, args, {"_signature": signature, **kwargs})
         if key in self._eager:

@@ -1,6 +1,6 @@
 r"""Data-parallel training: every global minibatch cut into S shards, computed by W processes.
 
-A step of :func:`pyro_vae.train.fit` takes a global minibatch of M points out
+A step of :func:`pyro_vae.fit` takes a global minibatch of M points out
 of N. With S shards it is cut into S parts of M / S points; part s is the
 strided slice that ``torch.utils.data.DistributedSampler(num_replicas=S,
 rank=s)`` gives, so the union of the parts is the same set of points whatever

@@ -1,0 +1,229 @@
+"""What the training loop does around its steps, as hooks (Lightning's callbacks): progress, checkpoints,
+the NaN guard and Ctrl-C.
+
+The loop calls every hook, in the order given, at each event:
+
+    on_fit_start                   before the first step (after any resume)
+      on_epoch_start               the epoch's minibatches not drawn yet
+        on_step_start              before each step
+        on_step_end(loss)          after it, the state counted (``loop.state.step`` is the steps done)
+      on_epoch_steps_end           the epoch's steps done, its figures not computed yet
+      on_epoch_end(record)         the epoch recorded; the state stands at the next epoch
+    on_fit_end                     always, also after an exception
+
+and ``on_save`` right before a checkpoint is written (a hook may refuse by
+raising). A hook reads the loop (:class:`Loop`: its state, config, feeder and
+device) and may ask it to ``save()``. A hook that needs the loss on the host
+reads it only where ``loop.at_sync`` says a host-device synchronisation is
+cheap (every step on the CPU; every ``REFRESH_EVERY`` steps on a GPU), so GPU
+steps keep queuing behind each other.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from .feeding import Feeder
+from .state import EpochRecord, TrainingState
+
+__all__ = [
+    "REFRESH_EVERY",
+    "Checkpoints",
+    "Hook",
+    "Loop",
+    "NaNGuard",
+    "ProgressBar",
+    "StopOnInterrupt",
+]
+
+# How often (in steps) the progress bar, and on a GPU the NaN guard, read values back from the device.
+REFRESH_EVERY = 25
+
+
+class Loop(Protocol):
+    """What a hook sees of the training loop."""
+
+    state: TrainingState
+    config: TrainConfig
+    feeder: Feeder
+    device: torch.device
+    steps_per_epoch: int
+    checkpoint: Path | None
+
+    @property
+    def at_sync(self) -> bool:
+        """Whether this step is one where reading a value back from the device is allowed."""
+        ...
+
+    def save(self) -> None:
+        """Write the checkpoint (if there is one) after every hook's ``on_save``."""
+        ...
+
+
+class Hook:
+    """A training callback; every event does nothing unless a subclass says otherwise."""
+
+    def on_fit_start(self, loop: Loop) -> None:
+        pass
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        pass
+
+    def on_step_start(self, loop: Loop) -> None:
+        pass
+
+    def on_step_end(self, loop: Loop, loss: torch.Tensor) -> None:
+        pass
+
+    def on_epoch_steps_end(self, loop: Loop) -> None:
+        pass
+
+    def on_epoch_end(self, loop: Loop, record: EpochRecord) -> None:
+        pass
+
+    def on_save(self, loop: Loop) -> None:
+        pass
+
+    def on_fit_end(self, loop: Loop) -> None:
+        pass
+
+
+class NaNGuard(Hook):
+    """Stop with FloatingPointError at the first step whose loss is NaN or infinite, naming it.
+
+    The first bad step is kept on the device (``torch.where``, no host sync)
+    and read back at sync steps, at the end of each epoch and before every
+    checkpoint, so no checkpoint is written after a bad step.
+    """
+
+    def __init__(self) -> None:
+        self.first_bad: torch.Tensor | None = None  # 0-based index of the first non-finite step, -1: none
+
+    def on_fit_start(self, loop: Loop) -> None:
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=loop.device)
+
+    def on_step_end(self, loop: Loop, loss: torch.Tensor) -> None:
+        assert self.first_bad is not None
+        step = loop.state.step - 1  # the step just taken
+        self.first_bad = torch.where(
+            (self.first_bad < 0) & ~torch.isfinite(loss),
+            torch.full_like(self.first_bad, step),
+            self.first_bad,
+        )
+        if loop.at_sync:
+            self.check(loop)  # free on the CPU; on a GPU only as often as the bar refreshes
+
+    def on_epoch_steps_end(self, loop: Loop) -> None:
+        self.check(loop)
+
+    def on_save(self, loop: Loop) -> None:
+        self.check(loop)
+
+    def check(self, loop: Loop) -> None:
+        bad = -1 if self.first_bad is None else int(self.first_bad)
+        if bad >= 0:
+            last = (
+                f"the last good checkpoint is {loop.checkpoint}"
+                if loop.checkpoint is not None and loop.checkpoint.exists()
+                else "no checkpoint was written"
+            )
+            raise FloatingPointError(
+                f"the loss became NaN or infinite at step {bad + 1} (epoch {loop.state.epoch}); {last}; "
+                "lower --lr or set --clip-norm"
+            )
+
+
+class ProgressBar(Hook):
+    """A tqdm bar on stderr over all steps, with the running ELBO per datum every ``REFRESH_EVERY`` steps."""
+
+    def __init__(self, *, show: bool) -> None:
+        self.show = show
+        self.bar: Any = None
+
+    def on_fit_start(self, loop: Loop) -> None:
+        self.bar = tqdm(
+            total=loop.config.epochs * loop.steps_per_epoch,
+            initial=loop.state.step,
+            disable=not self.show,
+            file=sys.stderr,
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+    def on_epoch_start(self, loop: Loop) -> None:
+        self.bar.set_description(f"epoch {loop.state.epoch}/{loop.config.epochs}")
+
+    def on_step_end(self, loop: Loop, loss: torch.Tensor) -> None:
+        self.bar.update()
+        state = loop.state
+        if self.show and state.step % REFRESH_EVERY == 0:
+            self.bar.set_postfix(elbo=f"{-float(state.epoch_loss) / state.seen:.2f}")
+
+    def on_epoch_end(self, loop: Loop, record: EpochRecord) -> None:
+        test = f"{record.test_elbo:.2f}" if record.test_elbo is not None else "-"
+        self.bar.set_postfix(elbo=f"{record.train_elbo:.2f}", test=test)
+
+    def on_fit_end(self, loop: Loop) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StopOnInterrupt(Hook):
+    """The first Ctrl-C (SIGINT) stops after the current step: checkpoint, then KeyboardInterrupt.
+
+    The signal only sets a flag (a second Ctrl-C stops at once). With shards
+    the flag travels with the next step's gradients, so every process stops
+    after the same step, and they wait for the save before leaving.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def on_fit_start(self, loop: Loop) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def on_step_start(self, loop: Loop) -> None:
+        if self.requested:
+            loop.feeder.request_stop()
+
+    def on_step_end(self, loop: Loop, loss: torch.Tensor) -> None:
+        if loop.feeder.stop_requested(self.requested, at_sync=loop.at_sync):
+            loop.save()
+            loop.feeder.barrier()  # torchrun stops everyone at the first exit: after the save
+            resumes = f"; the checkpoint {loop.checkpoint} resumes it" if loop.checkpoint is not None else ""
+            raise KeyboardInterrupt(f"stopped at step {loop.state.step}{resumes}")
+
+    def on_fit_end(self, loop: Loop) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+class Checkpoints(Hook):
+    """Save at the end of every epoch and every ``every`` steps inside an epoch (None: epochs only)."""
+
+    def __init__(self, *, every: int | None) -> None:
+        self.every = every
+
+    def on_step_end(self, loop: Loop, loss: torch.Tensor) -> None:
+        state = loop.state
+        if self.every and state.step % self.every == 0 and state.done < loop.steps_per_epoch:
+            loop.save()
+
+    def on_epoch_end(self, loop: Loop, record: EpochRecord) -> None:
+        loop.save()
