@@ -8,23 +8,40 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["write_atomic", "write_text_atomic"]
+__all__ = ["replace_atomic", "write_atomic", "write_text_atomic"]
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder, fsync it, then rename it into place."""
+def replace_atomic(path: Path, write_to: Callable[[Path], None]) -> None:
+    """Have ``write_to`` write a temporary file in ``path``'s folder, fsync it, then rename it into place.
+
+    For writers that want a path rather than an open file (netCDF); see :func:`write_atomic`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
+        write_to(Path(tmp))
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync_folder(path)
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write(handle)`` on a temporary file in the same folder, then rename it into place."""
+
+    def write_to(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    replace_atomic(path, write_to)
+
+
+def _sync_folder(path: Path) -> None:
     # The rename itself is durable only once the folder's entry is on disk.
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

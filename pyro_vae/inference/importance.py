@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pyro
 import torch
@@ -44,7 +44,7 @@ from ..errors import PyroVAEError
 from .bounds import Bounds, default_iwae_ks
 from .conditioning import per_datum_pair
 from .psis import MIN_SAMPLES_FOR_KHAT, psis_khat
-from .traces import ROWS_PER_PASS, traced_log_weights
+from .traces import chunked_passes, traced_log_weights
 
 __all__ = ["check_sampling_args", "evaluate_bounds", "log_marginal"]
 
@@ -101,30 +101,29 @@ def evaluate_bounds(
     ks = sorted(set(default_iwae_ks(num_samples) if iwae_ks is None else iwae_ks))
     if any(k < 1 or k > num_samples for k in ks):
         raise PyroVAEError(f"every IWAE k must lie in 1..num_samples={num_samples}, got {ks}")
-    chunk_size = min(chunk_size, num_samples)
-    if data_chunk_size is None:
-        data_chunk_size = max(1, ROWS_PER_PASS // chunk_size)
-
     pair = per_datum_pair(model, guide, x)
     chunks: list[Bounds] = []
     show = sys.stdout.isatty() if progress is None else progress
     fuse = x.shape[0] * num_samples >= AUTO_ROWS if compile is None else compile
+
+    def one_pass(xs: torch.Tensor, k: int) -> torch.Tensor:
+        return traced_log_weights(
+            pair.model, pair.guide, xs, num_samples=k, max_plate_nesting=pair.max_plate_nesting
+        )[0]  # [k, n] float64
+
+    def bar(data_chunks: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+        return tqdm(data_chunks, disable=not show, desc="log p(x)", unit="chunk", file=sys.stderr)
+
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block(), compiled_kernels(fuse):
-        for xs in tqdm(
-            x.split(data_chunk_size), disable=not show, desc="log p(x)", unit="chunk", file=sys.stderr
+        for passes in chunked_passes(
+            one_pass,
+            x,
+            num_samples=num_samples,
+            chunk_size=chunk_size,
+            data_chunk_size=data_chunk_size,
+            wrap=bar,
         ):
-            log_w = torch.cat(
-                [
-                    traced_log_weights(
-                        pair.model,
-                        pair.guide,
-                        xs,
-                        num_samples=min(chunk_size, num_samples - start),
-                        max_plate_nesting=pair.max_plate_nesting,
-                    )[0]
-                    for start in range(0, num_samples, chunk_size)
-                ]
-            )  # [K, n] float64
+            log_w = torch.cat(passes)  # [K, n] float64
             chunks.append(_reduce(log_w, ks, diagnostics=diagnostics, conditional_on=pair.conditional_on))
     return Bounds.concatenate(chunks)
 

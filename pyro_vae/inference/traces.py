@@ -11,7 +11,8 @@ read their numbers from here.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 import pyro
 import torch
@@ -25,6 +26,7 @@ from ..errors import PyroVAEError
 __all__ = [
     "PARTICLE_PLATE",
     "ROWS_PER_PASS",
+    "chunked_passes",
     "dry_traces",
     "log_weights",
     "paired_traces",
@@ -37,6 +39,33 @@ __all__ = [
 # bounds memory to about rows x (decoder width) floats.
 ROWS_PER_PASS = 1 << 16
 PARTICLE_PLATE = "_eval_particles"
+
+T = TypeVar("T")
+
+
+def chunked_passes(
+    one_pass: Callable[[torch.Tensor, int], T],
+    x: torch.Tensor,
+    *,
+    num_samples: int,
+    chunk_size: int,
+    data_chunk_size: int | None = None,
+    wrap: Callable[[Iterable[torch.Tensor]], Iterable[torch.Tensor]] = lambda chunks: chunks,
+) -> Iterator[list[T]]:
+    """For each chunk of data of ``x``, the results of ``one_pass(xs, k)`` over its passes of k particles.
+
+    The one loop order of every sampling evaluator (data chunks outside, particle chunks of at most
+    ``chunk_size`` inside), so that the same seed and chunk sizes consume the random stream identically:
+    the export's draws are the evaluator's samples. ``data_chunk_size`` defaults to as many data points as
+    keep a pass near ``ROWS_PER_PASS`` particle-datum rows; ``wrap`` wraps the data chunks (a progress bar).
+    """
+    chunk_size = min(chunk_size, num_samples)
+    if data_chunk_size is None:
+        data_chunk_size = max(1, ROWS_PER_PASS // chunk_size)
+    for xs in wrap(x.split(data_chunk_size)):
+        yield [
+            one_pass(xs, min(chunk_size, num_samples - start)) for start in range(0, num_samples, chunk_size)
+        ]
 
 
 def paired_traces(model: ModelFn, guide: ModelFn, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:

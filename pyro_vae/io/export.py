@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +46,11 @@ from pyro.poutine.util import prune_subsample_sites
 
 from .._typing import DeviceLike, ModelFn
 from ..errors import PyroVAEError
+from ..files import replace_atomic
 from ..inference.conditioning import per_datum_pair
 from ..inference.importance import check_sampling_args
 from ..inference.psis import MIN_SAMPLES_FOR_KHAT, psis_khat
-from ..inference.traces import ROWS_PER_PASS, site_log_density, traced_log_weights
+from ..inference.traces import chunked_passes, site_log_density, traced_log_weights
 from .arviz_compat import InferenceDataLike, group_names, make_inference_data, write_netcdf
 
 __all__ = ["export_run", "to_inference_data"]
@@ -131,20 +131,17 @@ def _draw(
     data_chunk_size: int,
     nesting: int,
 ) -> _Draws:
-    # The loop of evaluate_bounds (data chunks outside, particle chunks inside), so that the same seed and
-    # chunk sizes consume the random stream identically and give its samples.
+    # The loop of evaluate_bounds, so that the same seed and chunk sizes give its samples.
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block():
         chunks = [
-            _cat(
-                [
-                    _one_pass(
-                        model, guide, xs, num_samples=min(chunk_size, num_samples - start), nesting=nesting
-                    )
-                    for start in range(0, num_samples, chunk_size)
-                ],
-                dim=0,
+            _cat(passes, dim=0)
+            for passes in chunked_passes(
+                lambda xs, k: _one_pass(model, guide, xs, num_samples=k, nesting=nesting),
+                x,
+                num_samples=num_samples,
+                chunk_size=chunk_size,
+                data_chunk_size=data_chunk_size,
             )
-            for xs in x.split(data_chunk_size)
         ]
     return _cat(chunks, dim=1)
 
@@ -200,8 +197,6 @@ def to_inference_data(
         raise PyroVAEError(
             "data_indices must not repeat an index: each labels one data point in the 'datum' coords"
         )
-    chunk_size = min(chunk_size, num_samples)
-    data_chunk_size = data_chunk_size or max(1, ROWS_PER_PASS // chunk_size)
     # Validated, and global latents fixed at the guide's plug-in value, exactly as evaluate_bounds does.
     pair = per_datum_pair(model, guide, x)
 
@@ -358,13 +353,5 @@ def export_run(
         idata[group].attrs.update(run_dir=str(run.path), split=split)
     idata.attrs.update(run_dir=str(run.path), split=split)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_netcdf(idata, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomic(path, lambda tmp: write_netcdf(idata, tmp))
     return path
