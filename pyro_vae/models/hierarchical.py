@@ -154,8 +154,11 @@ class HierarchicalVAE(nn.Module):
     def site_names(self) -> list[str]:
         return [f"z{i}" for i in range(1, self.num_layers + 1)]
 
-    def model(self, x: torch.Tensor, *, num_data: int | None = None) -> None:
-        """p(x, z1..zL) = p(zL) prod_l p(z_l | z_{l+1}) p(x | z1), top-down."""
+    def model(self, x: torch.Tensor | None, *, num_data: int | None = None) -> None:
+        """p(x, z1..zL) = p(zL) prod_l p(z_l | z_{l+1}) p(x | z1), top-down.
+
+        ``x=None`` draws ``num_data`` new points through the layers (for ``pyro.infer.Predictive``).
+        """
         pyro.module("prior", self.prior)
         pyro.module("down", self.down)
         pyro.module("decoder", self.decoder)

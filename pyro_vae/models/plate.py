@@ -10,7 +10,7 @@ from ..errors import PyroVAEError
 __all__ = ["data_plate"]
 
 
-def data_plate(x: torch.Tensor, num_data: int | None) -> pyro.plate:
+def data_plate(x: torch.Tensor | None, num_data: int | None) -> pyro.plate:
     """The plate over data points: a minibatch of ``M = len(x)`` out of ``num_data``.
 
     Inside it every log-density is scaled by ``num_data / M``, so a minibatch
@@ -20,10 +20,22 @@ def data_plate(x: torch.Tensor, num_data: int | None) -> pyro.plate:
     random permutation of N indices that the latter draws at every call (work
     on the hot path, and a draw from the random stream that would make the
     latent samples depend on N).
+
+    With ``x=None`` a model generates: the plate holds ``num_data`` new data
+    points and the observed site (``obs=None``) is drawn from p(x | z), which
+    is what ``pyro.infer.Predictive`` needs for prior- and posterior-predictive draws.
     """
+    if x is None:
+        if num_data is None:
+            raise PyroVAEError(
+                "without data x the model generates, and needs num_data: the number of data points to draw"
+            )
+        return pyro.plate("data", num_data)
     batch_size = x.shape[0]
     num_data = batch_size if num_data is None else num_data
-    if num_data < batch_size:
+    # Under torch.jit.trace the size is a traced value and a Python comparison of it would be frozen into
+    # the graph (with a TracerWarning); the eager call that every trace is keyed on has checked it.
+    if not torch.jit.is_tracing() and num_data < batch_size:
         raise PyroVAEError(
             f"num_data ({num_data}) cannot be smaller than the minibatch ({batch_size} data points)"
         )

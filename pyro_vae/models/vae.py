@@ -76,8 +76,11 @@ class VAE(nn.Module):
     def latent_dim(self) -> int:
         return self.prior.latent_dim
 
-    def model(self, x: torch.Tensor, *, num_data: int | None = None) -> None:
-        """p(x, z) for a minibatch ``x`` [M, D] of a data set of ``num_data`` points."""
+    def model(self, x: torch.Tensor | None, *, num_data: int | None = None) -> None:
+        """p(x, z) for a minibatch ``x`` [M, D] of a data set of ``num_data`` points.
+
+        ``x=None`` draws ``num_data`` new points, z ~ p(z) and x ~ p(x | z) (for ``pyro.infer.Predictive``).
+        """
         pyro.module("prior", self.prior)
         pyro.module("decoder", self.decoder)
         pyro.module("likelihood", self.likelihood)
