@@ -15,10 +15,22 @@ from typing import Any
 
 from .errors import PyroVAEError
 
-__all__ = ["BINARIZE_MODES", "DEVICES", "INFERENCE", "DataConfig", "ModelConfig", "TrainConfig"]
+__all__ = [
+    "BINARIZE_MODES",
+    "DEVICES",
+    "INFERENCE",
+    "LAYER_INITS",
+    "TOP_DOWN",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+]
 
 BINARIZE_MODES = ("auto", "none", "static", "dynamic")
 INFERENCE = ("bottom-up", "ladder")
+# ModelConfig.top_down and layer_init (the hierarchical model's GaussianLayer reads the same names).
+TOP_DOWN = ("plain", "residual")
+LAYER_INITS = ("torch", "glorot")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -63,11 +75,23 @@ class ModelConfig:
     inference: str = "bottom-up"
     # Shape of one data point as an image, for plots; None for non-image data.
     image_shape: tuple[int, ...] | None = None
+    # With several latent layers, the hidden widths between z_l and z_{l+1} (z1-z2 first), used both ways
+    # (p(z_l | z_{l+1}) and q(z_{l+1} | z_l) or the ladder's upward net). None: len(hidden_dims) layers as
+    # wide as z_l, the lower layer, as Burda et al. (2016, section 5): 100,50 gives z1 -> 100 -> 100 -> z2.
+    layer_hidden_dims: tuple[tuple[int, ...], ...] | None = None
+    # p(z_l | z_{l+1}): "residual" adds a linear path to the mean that starts as the identity, so z_{l+1}
+    # moves the mean of z_l from the first step; "plain" is an MLP alone (whose top layer went unused).
+    top_down: str = "residual"
+    # Initialization of the layers between latent layers: "glorot" (Glorot & Bengio, 2010; Burda et al.) or
+    # "torch" (torch's default, which shrinks the signal about threefold in variance per layer).
+    layer_init: str = "glorot"
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so configs compare and hash by value.
         object.__setattr__(self, "latent_dims", tuple(self.latent_dims))
         object.__setattr__(self, "hidden_dims", tuple(self.hidden_dims))
+        if self.layer_hidden_dims is not None:
+            object.__setattr__(self, "layer_hidden_dims", tuple(tuple(w) for w in self.layer_hidden_dims))
         object.__setattr__(self, "prior_options", dict(self.prior_options))
         object.__setattr__(self, "likelihood_options", dict(self.likelihood_options))
         object.__setattr__(self, "guide_options", dict(self.guide_options))
@@ -86,6 +110,26 @@ class ModelConfig:
             raise PyroVAEError(
                 f"ModelConfig.inference must be one of {', '.join(INFERENCE)}, got {self.inference!r}"
             )
+        if self.layer_hidden_dims is not None:
+            if len(self.layer_hidden_dims) != len(self.latent_dims) - 1:
+                raise PyroVAEError(
+                    f"ModelConfig.layer_hidden_dims needs one list of widths per pair of latent layers "
+                    f"({len(self.latent_dims) - 1} for latent_dims {self.latent_dims}), got "
+                    f"{len(self.layer_hidden_dims)}"
+                )
+            for widths in self.layer_hidden_dims:
+                if not widths:
+                    raise PyroVAEError("ModelConfig.layer_hidden_dims needs at least one width per pair")
+                for h in widths:
+                    _positive_int("ModelConfig", "layer_hidden_dims", h)
+        if self.top_down not in TOP_DOWN:
+            raise PyroVAEError(
+                f"ModelConfig.top_down must be one of {', '.join(TOP_DOWN)}, got {self.top_down!r}"
+            )
+        if self.layer_init not in LAYER_INITS:
+            raise PyroVAEError(
+                f"ModelConfig.layer_init must be one of {', '.join(LAYER_INITS)}, got {self.layer_init!r}"
+            )
         if self.image_shape is not None and math.prod(self.image_shape) != self.data_dim:
             raise PyroVAEError(
                 f"ModelConfig.image_shape {self.image_shape} holds {math.prod(self.image_shape)} values, "
@@ -102,6 +146,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """The config that ``to_dict`` wrote; one saved before the fields of the layers between latent
+        layers existed rebuilds the network it described: ``hidden_dims``-many layers as wide as z_{l+1},
+        a plain top-down MLP and torch's initialization."""
+        data = dict(data)
+        if "layer_hidden_dims" not in data and len(data.get("latent_dims", ())) > 1:
+            depth = len(data.get("hidden_dims", cls.__dataclass_fields__["hidden_dims"].default))
+            dims = data["latent_dims"]
+            data["layer_hidden_dims"] = [[dims[i + 1]] * depth for i in range(len(dims) - 1)]
+        data.setdefault("top_down", "plain")
+        data.setdefault("layer_init", "torch")
         return _from_dict(cls, data)
 
 
@@ -195,8 +249,11 @@ class TrainConfig:
                 )
         if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise PyroVAEError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise PyroVAEError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
+        # numpy's legacy generator, which the seed also sets, takes 32-bit seeds only.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise PyroVAEError(
+                f"TrainConfig.seed must be an integer from 0 to 2**32 - 1 = {2**32 - 1}, got {self.seed!r}"
+            )
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise PyroVAEError(
                 f"TrainConfig.device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}"
@@ -218,6 +275,9 @@ class DataConfig:
     data_dir: str | None = None
     # auto: dynamic binarization when the likelihood needs binary data and the data are grey, else none.
     binarize: str = "auto"
+    # A user's data file: the SHA-256 of its bytes when the run was trained (None: a registered data set, or
+    # a run from before hashes were kept), so a changed file is refused rather than scored.
+    sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.binarize not in BINARIZE_MODES:
@@ -226,7 +286,10 @@ class DataConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["sha256"] is None:  # a registered data set: its entry as it always was
+            del data["sha256"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DataConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -15,20 +16,40 @@ def replace_atomic(path: Path, write_to: Callable[[Path], None]) -> None:
     """Have ``write_to`` write a temporary file in ``path``'s folder, fsync it, then rename it into place.
 
     For writers that want a path rather than an open file (netCDF); see :func:`write_atomic`.
+    An ``OSError`` on the way (a full disk, a read-only folder, a folder where
+    the file should be) names ``path``, not the temporary file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder, not a file (give a file name)", str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise _naming(error, path) from None
     os.close(fd)
     try:
         write_to(Path(tmp))
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(error, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _sync_folder(path)
+
+
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` (its errno kept) as it concerns ``path``, not the temporary file; a parent that is a file said so."""
+    culprit = None if error.filename is None else Path(error.filename)
+    if culprit is not None and culprit != path and culprit in path.parents:
+        if error.errno == errno.EEXIST:  # mkdir met a file where a folder should be
+            return NotADirectoryError(errno.ENOTDIR, f"{culprit} is a file, not a folder", str(path))
+        return type(error)(error.errno, f"{error.strerror} (at {culprit})", str(path))
+    return type(error)(error.errno, error.strerror or str(error), str(path))
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:

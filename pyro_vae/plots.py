@@ -53,10 +53,12 @@ from torchvision.utils import make_grid
 
 from ._typing import VAEModel
 from .errors import PyroVAEError
+from .files import replace_atomic
 from .inference.importance import evaluate_bounds
 from .io.run import Run
 from .models import abilities
 from .models.abilities import AbilityMissing
+from .resources import check_fits
 
 __all__ = [
     "PLOT_FILES",
@@ -224,10 +226,22 @@ def _grid_figure(rows: int, cols: int, *, extra_width: float = 0.6, extra_height
 
 
 def _save(fig: Figure, path: PathLike) -> Path:
+    """Write ``fig`` to ``path`` atomically and return the path written: ``.png`` added when it has no suffix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.suffix:
+        path = path.with_name(
+            path.name + ".png"
+        )  # what matplotlib would write: say so, rather than the name given
+    kind = path.suffix[1:].lower()
+    formats = fig.canvas.get_supported_filetypes()
+    if kind not in formats:
+        raise PyroVAEError(
+            f"cannot draw {path}: matplotlib writes {', '.join('.' + f for f in sorted(formats))}, not .{kind}"
+        )
     # A tight box: image grids keep their aspect, so the figure is cropped to them rather than guessed.
-    fig.savefig(path, dpi=_DPI, bbox_inches="tight", pad_inches=0.1)
+    replace_atomic(
+        path, lambda tmp: fig.savefig(tmp, format=kind, dpi=_DPI, bbox_inches="tight", pad_inches=0.1)
+    )
     fig.clear()
     return path
 
@@ -360,6 +374,9 @@ def save_sample_grid(
     if num < 1:
         raise PyroVAEError(f"num must be a positive integer, got {num}")
     device = _device(vae)
+    # At least the decoded images [num, D] in float32, and the grid's pixels as many again.
+    need = 4 * num * 2 * math.prod(image_shape)
+    check_fits(need, device=device, what=f"drawing {num} samples", advice="lower --num")
     like = None if like is None else like.to(device)
     with _seeded(vae, seed):
         samples = abilities.prior_samples(vae, num, like=like).cpu()

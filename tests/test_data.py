@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -469,3 +470,13 @@ def test_real_binarized_mnist():
     assert (len(data.train), len(data.valid), len(data.test)) == (50000, 10000, 10000)
     assert data.input_dim == 784 and data.is_binary
     assert 0.1 < data.train.mean().item() < 0.16  # about 13% of binarized MNIST pixels are on
+
+
+def test_values_beyond_float32_are_refused_as_too_large_not_called_infinite(tmp_path):
+    # 1e300 is finite: float32 would make it inf, and numpy would warn about the cast.
+    path = tmp_path / "big.npy"
+    np.save(path, np.full((6, 3), 1e300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy RuntimeWarning on the way
+        with pytest.raises(DataError, match=r"^18 values in .*big\.npy are finite but beyond float32's range"):
+            load_dataset(str(path))

@@ -18,7 +18,7 @@ import torch.distributed
 from pyro_vae import TrainConfig, data_plate, make_loss
 from pyro_vae.cli import main
 from pyro_vae.training.distributed import DataParallel, Shard, ShardedELBO, derive_seed, shard_indices
-from pyro_vae.training.state import load_checkpoint
+from pyro_vae.training.state import load_checkpoint, load_weights
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -53,7 +53,7 @@ def _torchrun(folder: Path, *argv: str) -> subprocess.CompletedProcess:
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt", weights_only=True)
+    return load_weights(run_dir / "model.pt")
 
 
 def _metrics(run_dir: Path) -> list[tuple[str, ...]]:

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ from pyro_vae import ModelConfig, build_vae, fit, load_dataset, mean_elbo
 from pyro_vae.inference import evaluate_bounds, log_marginal, traced_log_weights
 from pyro_vae.io.binarization import prepare_split
 from pyro_vae.models.hierarchical import HierarchicalVAE
+from pyro_vae.models.initialization import init_output_bias
 from pyro_vae.objectives import make_loss
 
 DATA_DIM = 16
@@ -465,3 +468,188 @@ def test_build_vae_rejects_ladder_inference_with_a_non_diagonal_guide(guide):
         build_vae(ModelConfig(data_dim=DATA_DIM, latent_dims=(6, 4), inference="bottom-up", guide=guide)),
         HierarchicalVAE,
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# The layers between latent layers (issue 15): widths, the residual top-down mean, initialization,
+# old configurations, the output bias
+# --------------------------------------------------------------------------------------------------------
+
+
+def _linear_shapes(module: torch.nn.Module) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _loc_spread(vae: HierarchicalVAE, num: int = 2000) -> float:
+    # How far the mean of p(z1 | z2) moves with z2 ~ N(0, I), relative to the scale of p(z1 | z2).
+    z2 = torch.randn(num, vae.latent_dims[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        loc, scale = vae.down[0].params(z2)
+    return float(loc.std(0).mean() / scale.mean())
+
+
+def test_burda_network_between_layers_by_default():
+    # Burda et al. (2016), section 5: x -> 200 -> 200 -> z1 (100) -> 100 -> 100 -> z2 (50).
+    vae = build_vae(
+        ModelConfig(data_dim=784, latent_dims=(100, 50), hidden_dims=(200, 200), activation="tanh")
+    )
+    assert _linear_shapes(vae.encoder) == [(784, 200), (200, 200)]
+    assert _linear_shapes(vae.down[0].body) == [(50, 100), (100, 100)]
+    assert _linear_shapes(vae.up[0]) == [(100, 100), (100, 100), (100, 50), (100, 50)]
+    assert isinstance(vae.down[0].body[1], torch.nn.Tanh)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_hidden_dims_build_the_stated_shapes(mode):
+    widths = ((7,), (5, 3))
+    vae = _vae((6, 4, 2), mode, layer_hidden_dims=widths)
+    assert vae.layer_hidden_dims == [[7], [5, 3]]
+    # p(z1 | z2): 4 -> 7 -> (loc, scale) of 6; p(z2 | z3): 2 -> 5 -> 3 -> 4, with the 4 x 2 residual path.
+    assert _linear_shapes(vae.down[0]) == [(4, 7), (7, 6), (7, 6), (4, 6)]
+    assert _linear_shapes(vae.down[1]) == [(2, 5), (5, 3), (3, 4), (3, 4), (2, 4)]
+    if mode == "bottom-up":
+        assert _linear_shapes(vae.up[0]) == [(6, 7), (7, 4), (7, 4)]
+        assert _linear_shapes(vae.up[1]) == [(4, 5), (5, 3), (3, 2), (3, 2)]
+    else:
+        assert _linear_shapes(vae.ladder_nets[0]) == [(12, 7)]
+        assert _linear_shapes(vae.ladder_nets[1]) == [(7, 5), (5, 3)]
+        assert _linear_shapes(vae.ladder_heads) == [(12, 12), (7, 8), (3, 4)]
+    x = _binary_data(3)
+    make_loss("elbo").differentiable_loss(vae.model, vae.guide, x).backward()
+
+
+@pytest.mark.parametrize(
+    "widths, match",
+    [
+        (((7,),), "one list of widths per pair"),
+        (((7,), ()), "at least one width"),
+        (((7,), (0,)), "positive"),
+    ],
+)
+def test_config_refuses_wrong_layer_hidden_dims(widths, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(data_dim=DATA_DIM, latent_dims=(6, 4, 2), layer_hidden_dims=widths)
+
+
+@pytest.mark.parametrize("field, value", [("top_down", "skip"), ("layer_init", "he")])
+def test_config_refuses_unknown_top_down_and_init(field, value):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(data_dim=DATA_DIM, latent_dims=(6, 4), **{field: value})
+
+
+def test_residual_mean_starts_as_the_identity_on_the_shared_coordinates():
+    vae = _vae((6, 4), "bottom-up")
+    layer = vae.down[0]
+    torch.testing.assert_close(layer.skip.weight, torch.eye(6, 4), rtol=0, atol=0)
+    # Without the MLP head, the mean of p(z1 | z2) is z2 padded with zeros.
+    with torch.no_grad():
+        layer.loc.weight.zero_()
+        layer.loc.bias.zero_()
+    z2 = torch.randn(5, 4)
+    loc, _ = layer.params(z2)
+    torch.testing.assert_close(loc, torch.cat([z2, torch.zeros(5, 2)], dim=-1))
+
+
+def test_mean_of_p_z1_given_z2_depends_on_z2_at_initialization():
+    # Issue 15: with a plain MLP and torch's init the mean moved with z2 by about 0.2 of the scale of
+    # p(z1 | z2) (tanh; less with softplus), so z2 started disconnected; the default starts connected.
+    config = {"data_dim": 784, "latent_dims": (100, 50), "hidden_dims": (200, 200), "activation": "tanh"}
+    old = build_vae(ModelConfig(**config, top_down="plain", layer_init="torch"))
+    new = build_vae(ModelConfig(**config))
+    assert _loc_spread(old) < 0.3
+    assert _loc_spread(new) > 1.0
+    # The Jacobian d mu / d z2 [100, 50] at initialization: about 50 singular values near 1 or above.
+    jacobian = torch.autograd.functional.jacobian(lambda z: new.down[0].params(z)[0], torch.zeros(50))
+    assert int((torch.linalg.svdvals(jacobian) > 0.5).sum()) >= 45
+
+
+def test_glorot_init_of_the_layers_between_latents():
+    vae = _vae((6, 4), "bottom-up", layer_init="glorot", top_down="plain")
+    for module in (*vae.down, *vae.up):
+        for linear in module.modules():
+            if isinstance(linear, torch.nn.Linear):
+                bound = (6 / (linear.in_features + linear.out_features)) ** 0.5
+                assert linear.weight.abs().max() <= bound
+                assert linear.weight.abs().max() > 0.5 * bound
+                assert torch.all(linear.bias == 0)
+
+
+# sha256 of the state dict (names and float32 bytes) that the code before issue 15 built from these
+# configs under torch.manual_seed(0): data_dim 16, hidden_dims (12, 12), tanh.
+_OLD_DIGESTS = {
+    ("bottom-up", (6, 4)): "c48a701d2ef981fbb1cfcdbfad4a644a9f13fb89326d05e8f733ca5d5361d98f",
+    ("bottom-up", (6, 4, 2)): "17003d18e8e8f9af57de4e2d543ee414955fe2b95bf3d71f9a8959ca57430515",
+    ("ladder", (6, 4)): "92af42fbe3c4fadfbd95a94a25d6b8d79c172ce54a4b9580d9b5c1c26744a02b",
+    ("ladder", (6, 4, 2)): "40912b1be22d2e7813e83aec38dfa23c3a36c5a5c13fdb650d92df86e04fe249",
+}
+
+
+@pytest.mark.parametrize("inference, latent_dims", list(_OLD_DIGESTS))
+def test_an_old_config_rebuilds_the_same_weights(inference, latent_dims):
+    # What ModelConfig.to_dict wrote before the fields of the layers between latents existed.
+    saved = {
+        "data_dim": 16,
+        "latent_dims": list(latent_dims),
+        "hidden_dims": [12, 12],
+        "prior": "standard-normal",
+        "prior_options": {},
+        "likelihood": "bernoulli",
+        "likelihood_options": {},
+        "guide": "diagonal",
+        "guide_options": {},
+        "network": "mlp",
+        "activation": "tanh",
+        "inference": inference,
+        "image_shape": None,
+    }
+    config = ModelConfig.from_dict(saved)
+    assert config.layer_hidden_dims == ((latent_dims[1],) * 2, *[(d,) * 2 for d in latent_dims[2:]])
+    assert (config.top_down, config.layer_init) == ("plain", "torch")
+    torch.manual_seed(0)
+    vae = build_vae(config)
+    digest = hashlib.sha256()
+    for name, p in vae.state_dict().items():
+        digest.update(name.encode())
+        digest.update(p.detach().contiguous().numpy().tobytes())
+    assert digest.hexdigest() == _OLD_DIGESTS[(inference, latent_dims)]
+    # A config written now keeps its own fields through the round trip.
+    assert ModelConfig.from_dict(_vae_config_dict(latent_dims)).top_down == "residual"
+
+
+def _vae_config_dict(latent_dims: tuple[int, ...]) -> dict:
+    return ModelConfig(data_dim=DATA_DIM, latent_dims=latent_dims).to_dict()
+
+
+def test_config_round_trips_the_layer_fields():
+    config = ModelConfig(data_dim=DATA_DIM, latent_dims=(6, 4, 2), layer_hidden_dims=((7,), (5, 3)))
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_init_output_bias_sets_the_logit_of_the_mean_pixel():
+    x = torch.rand(50, DATA_DIM, generator=torch.Generator().manual_seed(5))
+    x[:, 0] = 0.0  # an always-black pixel gets the clamped, finite logit
+    for vae in (_vae((6, 4), "bottom-up"), build_vae(ModelConfig(data_dim=DATA_DIM, latent_dims=(3,)))):
+        bias = init_output_bias(vae, x)
+        last = vae.decoder[-1]
+        expected = torch.logit(x.double().mean(0).clamp(1e-3, 1 - 1e-3)).float()
+        torch.testing.assert_close(last.bias, expected)
+        torch.testing.assert_close(bias, expected)
+        # With the decoder's weights at zero the model is the independent-pixel model of the mean image.
+        with torch.no_grad():
+            last.weight.zero_()
+        torch.testing.assert_close(
+            vae.likelihood(vae.decoder(torch.zeros(1, vae.latent_dim))).mean[0, 1:], x.mean(0)[1:]
+        )
+
+
+def test_init_output_bias_refuses_what_it_cannot_set():
+    x = torch.rand(10, DATA_DIM)
+    with pytest.raises(ValueError, match="bernoulli"):
+        init_output_bias(_vae((6, 4), "bottom-up", likelihood="gaussian"), x)
+    conv = build_vae(ModelConfig(data_dim=DATA_DIM, latent_dims=(3,), network="conv", image_shape=(4, 4)))
+    with pytest.raises(ValueError, match="linear layer"):
+        init_output_bias(conv, x)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        init_output_bias(_vae((6, 4), "bottom-up"), 2 * x + 1)
+    with pytest.raises(ValueError, match="shape"):
+        init_output_bias(_vae((6, 4), "bottom-up"), x[:, :5])

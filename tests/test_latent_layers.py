@@ -65,3 +65,42 @@ def test_threshold_is_respected():
         ]
         == 0
     )
+
+
+def per_unit_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+
+def per_unit_guide(x):
+    # Unit 0 moves with x (mean 0.8 x, scale 0.5); unit 1 sits at N(0.3, 0.6^2) for every x; unit 2 is the prior.
+    with pyro.plate("data", x.shape[0]):
+        loc = torch.cat([0.8 * x, torch.full_like(x, 0.3), torch.zeros_like(x)], -1)
+        scale = torch.tensor([0.5, 0.6, 1.0]).expand_as(loc)
+        pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+
+def test_unit_kl_matches_the_closed_form_and_adds_up_to_the_layer():
+    x = torch.linspace(-2, 2, 201).unsqueeze(-1)
+    (layer,) = latent_layers(per_unit_model, per_unit_guide, x, num_samples=400)
+    # KL(N(m, s^2) || N(0, 1)) = (s^2 + m^2 - 1) / 2 - log s, averaged over the data.
+    m0 = 0.8 * x.squeeze(-1).double()
+    expected = [
+        float(((0.25 + m0**2 - 1) / 2 - torch.log(torch.tensor(0.5, dtype=torch.float64))).mean()),
+        (0.36 + 0.09 - 1) / 2 - float(torch.log(torch.tensor(0.6, dtype=torch.float64))),
+        0.0,
+    ]
+    assert layer["unit_kl"] == pytest.approx(expected, abs=0.02)
+    assert sum(layer["unit_kl"]) == pytest.approx(layer["kl"], rel=1e-9, abs=1e-9)
+    # Unit 1 carries information-free KL (its mean ignores x): counted as carrying KL, not as active.
+    assert layer["active_units"] == 1 and layer["units_with_kl"] == 2
+
+
+def test_unit_kl_is_none_where_the_guide_does_not_factorize():
+    def full_covariance_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.MultivariateNormal(torch.zeros(3), torch.eye(3)).expand([x.shape[0]]))
+
+    (layer,) = latent_layers(per_unit_model, full_covariance_guide, torch.zeros(5, 1), num_samples=10)
+    assert layer["unit_kl"] is None and layer["units_with_kl"] is None

@@ -21,14 +21,14 @@ from pyro_vae import DataError, ModelConfig, build_vae, fit, load_dataset, make_
 from pyro_vae.cli import main
 from pyro_vae.io.data import read_amat, read_idx
 from pyro_vae.training.loop import AsyncSVI
-from pyro_vae.training.state import load_checkpoint
+from pyro_vae.training.state import load_checkpoint, load_weights
 
 SMALL = ["--hidden-dims", "32", "--latent-dims", "4", "--batch-size", "64", "--eval-samples", "0"]
 RUN = [sys.executable, "-m", "pyro_vae", "train", *SMALL, "--checkpoint-every", "3"]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt", weights_only=True)
+    return load_weights(run_dir / "model.pt")
 
 
 def _start(argv: list[str]) -> subprocess.Popen:

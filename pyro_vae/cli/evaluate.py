@@ -1,9 +1,16 @@
-"""``pyro-vae evaluate RUN_DIR``: importance-sampled log p(x), IWAE bounds, per-layer KL and PSIS k-hat."""
+"""``pyro-vae evaluate RUN_DIR [--method is|ais|bdmc|gaps]``: one of the registered evaluators on a run.
+
+``is`` (the default) reports importance-sampled log p(x), IWAE bounds, per-layer KL and PSIS
+k-hat; ``ais``, ``bdmc`` and ``gaps`` are annealed importance sampling, bidirectional Monte
+Carlo and the inference gaps (:mod:`pyro_vae.inference.evaluators`). A progress bar is drawn
+on a terminal; piped, a line per data chunk goes to stderr instead.
+"""
 
 from __future__ import annotations
 
 import argparse
-import math
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +18,32 @@ import pyro
 import torch
 
 from .._typing import VAEModel
+from ..inference.ais import AnnealingSettings
 from ..inference.bounds import Bounds
+from ..inference.evaluators import EVALUATORS, EvaluationOptions, importance_report, run_evaluator
+from ..inference.gaps import GapSettings
 from ..inference.importance import evaluate_bounds
 from ..inference.layers import latent_layers
 from ..io.run import load_run, save_evaluation
 from ..training.distributed import DataParallel, Stream
 from ..training.loop import resolve_device
-from .options import positive
+from .options import device_option, non_negative_int, positive, registry_choice, seed_option
 
 __all__ = ["add_parser", "evaluate_summary", "format_report", "run"]
 
 
 def add_parser(commands: Any) -> None:
     evaluate = commands.add_parser(
-        "evaluate", help="importance-sampled log p(x), IWAE bounds and PSIS diagnostics"
+        "evaluate",
+        help="log p(x) of a run: importance sampling, AIS, the BDMC sandwich or the inference gaps",
     )
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.add_argument(
+        "--method",
+        type=registry_choice(EVALUATORS),
+        default="is",
+        help=f"the evaluator: {', '.join(EVALUATORS.names())} (default is)",
+    )
     evaluate.add_argument(
         "--num-samples", type=positive(int), default=1000, help="importance samples K per datum"
     )
@@ -38,49 +55,78 @@ def add_parser(commands: Any) -> None:
         "--limit", type=positive(int), default=None, help="evaluate the first N data points only"
     )
     evaluate.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--seed", type=seed_option, default=0)
+    evaluate.add_argument("--device", type=device_option, default="auto")
+    annealing = evaluate.add_argument_group("ais, bdmc and gaps (annealed importance sampling)")
+    defaults = AnnealingSettings()
+    annealing.add_argument(
+        "--num-chains", type=positive(int), default=defaults.num_chains, help="AIS chains per datum"
+    )
+    annealing.add_argument(
+        "--num-steps",
+        type=positive(int),
+        default=defaults.num_steps,
+        help="annealing steps T (intermediate distributions)",
+    )
+    annealing.add_argument(
+        "--schedule", choices=("sigmoid", "geometric", "linear"), default=defaults.schedule
+    )
+    annealing.add_argument(
+        "--start",
+        choices=("guide", "prior"),
+        default=defaults.start,
+        help="the start of the path: q(z|x) or p(z)",
+    )
+    annealing.add_argument("--leapfrog-steps", type=positive(int), default=defaults.leapfrog_steps)
+    annealing.add_argument(
+        "--step-size", type=positive(float), default=defaults.step_size, help="the first HMC step size"
+    )
+    annealing.add_argument(
+        "--target-accept",
+        type=float,
+        default=defaults.target_accept,
+        help="acceptance the step size adapts to",
+    )
+    annealing.add_argument(
+        "--pilot-chains",
+        type=non_negative_int,
+        default=defaults.pilot_chains,
+        help="chains of the step-size pilot run (0: no adaptation)",
+    )
+    annealing.add_argument(
+        "--data-chunk-size", type=positive(int), default=None, help="data points per vectorized pass"
+    )
+    annealing.add_argument(
+        "--num-simulated",
+        type=positive(int),
+        default=None,
+        help="bdmc: data points simulated (default --limit or 100)",
+    )
+    optimized = evaluate.add_argument_group("gaps (the per-datum optimized guide)")
+    gap_defaults = GapSettings()
+    optimized.add_argument("--optimize-steps", type=positive(int), default=gap_defaults.optimize_steps)
+    optimized.add_argument("--optimize-lr", type=positive(float), default=gap_defaults.learning_rate)
+    optimized.add_argument(
+        "--optimize-samples",
+        type=positive(int),
+        default=gap_defaults.optimize_samples,
+        help="ELBO draws per step",
+    )
+    optimized.add_argument(
+        "--elbo-samples", type=positive(int), default=gap_defaults.elbo_samples, help="draws behind each ELBO"
+    )
+    optimized.add_argument(
+        "--log-px-method",
+        choices=("ais", "is"),
+        default=gap_defaults.log_px_method,
+        help="how log p(x) is estimated",
+    )
     evaluate.set_defaults(run=run)
 
 
 def format_report(summary: dict[str, Any], *, title: str) -> str:
-    """The evaluation summary as a table: nats per datum and bits per dimension."""
-    data_dim = summary.get("data_dim")
-
-    def bits(nats: float) -> str:
-        return f"{-nats / (data_dim * math.log(2)):10.4f}" if data_dim else ""
-
-    lines = [title, f"{'':18}{'nats/datum':>14}{'bits/dim':>11}"]
-    lines.append(f"{'ELBO':18}{summary['elbo']:14.3f}{bits(summary['elbo'])}")
-    for k, value in summary["iwae"].items():
-        lines.append(f"{'IWAE-' + k:18}{value:14.3f}{bits(value)}")
-    stderr = summary["log_px_stderr"]
-    lines.append(
-        f"{'log p(x) (IS)':18}{summary['log_px']:14.3f}{bits(summary['log_px'])}   ± {stderr:.3f} (MC stderr)"
-    )
-    lines.append(f"{'NLL':18}{summary['nll']:14.3f}{bits(summary['log_px'])}")
-    if summary.get("conditional_on"):
-        sites = ", ".join(summary["conditional_on"])
-        lines.append(
-            f"conditional on the global latent(s) {sites} at the guide's mean (its median where it has none): "
-            f"each figure is log p(x_i | {sites}), "
-            "not the marginal log p(x_i)"
-        )
-    for layer in summary.get("layers", []):
-        lines.append(
-            f"latent {layer['site']} (dim {layer['dim']}): KL {layer['kl']:.3f} nats, "
-            f"{layer['active_units']} of {layer['dim']} units active (Var_x E[z|x] > 0.01)"
-        )
-    if summary.get("khat_max") is not None:
-        frac = summary["khat_frac_above_0_7"]
-        lines.append(f"PSIS k-hat: max {summary['khat_max']:.2f}, {100 * frac:.1f}% of data points above 0.7")
-        if frac > 0:
-            lines.append(
-                f"warning: k-hat > 0.7 for {round(frac * summary['num_data'])} of {summary['num_data']} data points: "
-                "their log p(x) estimates are unreliable (the guide's tails are too light); raise --num-samples "
-                "or improve the guide"
-            )
-    return "\n".join(lines)
+    """The importance-sampling summary as a table: nats per datum and bits per dimension."""
+    return "\n".join([title, *importance_report(summary)])
 
 
 def evaluate_summary(
@@ -119,21 +165,69 @@ def evaluate_summary(
     return summary
 
 
+# Simulated data points of bdmc when neither --num-simulated nor --limit says.
+DEFAULT_SIMULATED = 100
+
+
+def _options(args: argparse.Namespace) -> EvaluationOptions:
+    return EvaluationOptions(
+        seed=args.seed,
+        num_samples=args.num_samples,
+        chunk_size=args.chunk_size,
+        annealing=AnnealingSettings(
+            num_chains=args.num_chains,
+            num_steps=args.num_steps,
+            schedule=args.schedule,
+            start=args.start,
+            leapfrog_steps=args.leapfrog_steps,
+            step_size=args.step_size,
+            target_accept=args.target_accept,
+            pilot_chains=args.pilot_chains,
+        ),
+        gaps=GapSettings(
+            optimize_steps=args.optimize_steps,
+            learning_rate=args.optimize_lr,
+            optimize_samples=args.optimize_samples,
+            elbo_samples=args.elbo_samples,
+            log_px_method=args.log_px_method,
+            is_samples=args.num_samples,
+        ),
+        num_simulated=args.num_simulated or args.limit or DEFAULT_SIMULATED,
+        data_chunk_size=args.data_chunk_size,
+    )
+
+
+def _log_lines_when_piped() -> None:
+    """Piped (no terminal for a bar), the evaluators' line per data chunk goes to stderr."""
+    logger = logging.getLogger("pyro_vae.inference")
+    if sys.stderr.isatty() or logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_run(args.run_dir, device=device)
     x = loaded.data(args.split)
     if args.limit is not None:
         x = x[: args.limit]
-    summary = evaluate_summary(
-        loaded.vae, x.to(device), num_samples=args.num_samples, chunk_size=args.chunk_size, seed=args.seed
-    )
-    summary["split"] = args.split
-    title = (
-        f"{loaded.data_config.dataset} / {args.split}: {summary['num_data']} data points, "
-        f"K = {args.num_samples} importance samples each"
-    )
-    print(format_report(summary, title=title))
+    x = x.to(device)
+    _log_lines_when_piped()
+    evaluation = run_evaluator(args.method, loaded.vae, x, options=_options(args))
+    summary = evaluation.summary
+    if args.method == "is":
+        summary["split"] = args.split
+        title = (
+            f"{loaded.data_config.dataset} / {args.split}: {summary['num_data']} data points, "
+            f"K = {args.num_samples} importance samples each"
+        )
+    else:
+        source = "simulated from the model" if args.method == "bdmc" else f"of {args.split}"
+        title = f"{loaded.data_config.dataset}: {summary['num_data']} data points {source}, --method {args.method}"
+    print("\n".join([title, *evaluation.report]))
     if args.json:
         save_evaluation(Path(args.json), summary)
     return 0

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..training.loop import resolve_device
-from .options import index_list, non_negative_int, positive
+from .options import device_option, index_list, positive, seed_option
 
 __all__ = ["add_parser", "run"]
 
@@ -24,8 +24,8 @@ def add_parser(commands: Any) -> None:
         "--limit", type=positive(int), default=16, help="without --indices: the first N points"
     )
     export.add_argument("--chunk-size", type=positive(int), default=1000)
-    export.add_argument("--seed", type=non_negative_int, default=0)
-    export.add_argument("--device", default="auto")
+    export.add_argument("--seed", type=seed_option, default=0)
+    export.add_argument("--device", type=device_option, default="auto")
     export.set_defaults(run=run)
 
 

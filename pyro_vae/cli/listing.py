@@ -1,4 +1,4 @@
-"""``pyro-vae list``: every registered prior, likelihood, guide, network, loss and data set."""
+"""``pyro-vae list``: every registered prior, likelihood, guide, network, loss, evaluator and data set."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from ..components.guides import GUIDES
 from ..components.likelihoods import LIKELIHOODS
 from ..components.nets import NETWORKS
 from ..components.priors import PRIORS
+from ..inference.evaluators import EVALUATORS
 from ..io.data import DATASETS
 from ..objectives import LOSSES
 
@@ -21,13 +22,14 @@ REGISTRIES = {
     "guides (--guide)": GUIDES,
     "networks (--encoder)": NETWORKS,
     "losses (--loss)": LOSSES,
+    "evaluators (pyro-vae evaluate --method)": EVALUATORS,
     "data sets (--dataset)": DATASETS,
 }
 
 
 def add_parser(commands: Any) -> None:
     listing = commands.add_parser(
-        "list", help="every registered prior, likelihood, guide, network, loss and data set"
+        "list", help="every registered prior, likelihood, guide, network, loss, evaluator and data set"
     )
     listing.set_defaults(run=run)
 

@@ -4,6 +4,7 @@
     pyro-vae train --model FILE.py:Class [--model-option KEY=VALUE ...] ...   (your own model)
     torchrun --nproc-per-node N -m pyro_vae train --distributed ...   (data-parallel over N processes)
     pyro-vae evaluate RUN_DIR --num-samples 5000 [--split test] [--json FILE]
+    pyro-vae evaluate RUN_DIR --method ais|bdmc|gaps [--num-chains C --num-steps T ...]
     pyro-vae plot RUN_DIR [--out DIR]
     pyro-vae sample RUN_DIR --num 64 --out FILE.png
     pyro-vae export RUN_DIR --out FILE.nc
@@ -15,17 +16,26 @@ One module per command (:mod:`~pyro_vae.cli.train`, :mod:`~pyro_vae.cli.evaluate
 
 Errors in what the user gave (a :class:`~pyro_vae.errors.PyroVAEError`:
 unknown names, bad sizes, missing files, a model whose guide does not match
-it) print one line and exit with status 2, as argparse does for a bad flag;
-``--debug`` shows the traceback instead. Anything else is a bug, in the
+it; a bad flag, which prints its one ``error:`` line and where the help is,
+without argparse's usage block) print one line and exit with status 2. So
+does a file the system refuses (an ``OSError``: a path under a file, a
+read-only folder), naming the path and the problem; a full disk is one line
+and status 1, the run's last checkpoint named and intact. ``--debug`` shows
+the traceback instead. SIGINT (Ctrl-C) and SIGTERM during ``train`` save a
+checkpoint at the step and exit with 128 + the signal's number (130, 143),
+as a shell reports a process the signal ended. Anything else is a bug, in the
 package or in a user's model: it keeps its traceback and exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ..errors import PyroVAEError
 from . import evaluate, export, listing, plot, sample, train
@@ -34,9 +44,17 @@ from .evaluate import format_report
 __all__ = ["format_report", "main", "parser"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors are one line and a pointer to the help instead of the whole usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help\n")
+
+
 def parser() -> argparse.ArgumentParser:
     """The parser of every command; each sets ``run``, the function that carries it out."""
-    top = argparse.ArgumentParser(prog="pyro-vae", description="Variational autoencoders as Pyro models.")
+    # Every command's parser is a _Parser too: add_subparsers makes them of the top parser's class.
+    top = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro models.")
     top.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = top.add_subparsers(dest="command", required=True)
     for command in (train, evaluate, export, plot, sample, listing):
@@ -58,6 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{name}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if args.debug:
+            raise
+        print(f"{name}: error: {_os_problem(error)}", file=sys.stderr)
+        # A full disk is no mistake in the input: the command may well succeed once there is room.
+        return 1 if error.errno in (errno.ENOSPC, errno.EDQUOT) else 2
     except FloatingPointError as error:
         if args.debug:
             raise
@@ -69,7 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"pyro-vae: interrupted{': ' + str(error) if str(error) else ''}", file=sys.stderr)
             if args.command == "train":
                 print("pyro-vae: run the same command with --resume to continue", file=sys.stderr)
-        return 130
+        return 128 + getattr(error, "signum", signal.SIGINT)
+
+
+def _os_problem(error: OSError) -> str:
+    """An OSError as the path and what the system said of it: ``/runs/r/model.pt: Read-only file system``."""
+    problem = error.strerror or type(error).__name__
+    if error.filename is None:
+        return problem
+    paths = str(error.filename) + (f" -> {error.filename2}" if error.filename2 is not None else "")
+    return f"{paths}: {problem}"
 
 
 if __name__ == "__main__":

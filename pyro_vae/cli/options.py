@@ -16,14 +16,17 @@ from ..errors import PyroVAEError
 __all__ = [
     "add_dataclass_arguments",
     "dataclass_from_args",
+    "device_option",
     "flag",
     "index_list",
     "int_list",
     "json_option",
+    "layer_int_lists",
     "non_negative_int",
     "number_option",
     "positive",
     "registry_choice",
+    "seed_option",
 ]
 
 
@@ -42,6 +45,11 @@ def int_list(text: str) -> tuple[int, ...]:
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
     return values
+
+
+def layer_int_lists(text: str) -> tuple[tuple[int, ...], ...]:
+    """``100,100/50``: the hidden widths between each pair of latent layers, z1-z2 first."""
+    return tuple(int_list(part) for part in text.split("/"))
 
 
 def positive(kind: type) -> Callable[[str], Any]:
@@ -102,6 +110,31 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def device_option(text: str) -> str:
+    """``--device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, for every command.
+
+    Only the spelling is checked here (a command line written for a GPU machine
+    parses anywhere); whether the device exists is checked when it is used
+    (:func:`~pyro_vae.training.loop.resolve_device`).
+    """
+    kind, sep, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and sep and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+
+
+# numpy seeds its generator (pyro.set_rng_seed seeds all three) with a 32-bit unsigned integer.
+MAX_SEED = 2**32 - 1
+
+
+def seed_option(text: str) -> int:
+    """``--seed``: a whole number from 0 to 2**32 - 1."""
+    value = non_negative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEED} (2**32 - 1), got {text}")
+    return value
+
+
 def registry_choice(registry: Any) -> Callable[[str], str]:
     # Checked here rather than with argparse `choices` so the message lists names the registry's way.
     def parse(text: str) -> str:
@@ -124,6 +157,10 @@ def _scalar(annotation: Any) -> Callable[[str], Any]:
     raise TypeError(f"no command-line type for a field of type {annotation!r}")
 
 
+# Fields whose flag every command spells the same way.
+_FIELD_TYPES: dict[str, Callable[[str], Any]] = {"device": device_option}
+
+
 def add_dataclass_arguments(
     group: argparse._ArgumentGroup,
     cls: type,
@@ -132,9 +169,9 @@ def add_dataclass_arguments(
 ) -> None:
     """One flag per field of the dataclass ``cls``: ``--field-name``, its default, and ``metadata["help"]``.
 
-    A ``bool`` field gets ``--name/--no-name``; any other its annotation's type
-    (``X | None`` as X), unless ``types_by_name`` gives a parser for it (a
-    registry's names). Values are checked by ``cls`` itself when
+    A ``bool`` field gets ``--name/--no-name``; a ``device`` field
+    :func:`device_option`; any other its annotation's type (``X | None`` as
+    X), unless ``types_by_name`` gives a parser for it (a registry's names). Values are checked by ``cls`` itself when
     :func:`dataclass_from_args` builds it, so every rule is written once, there.
     """
     hints = typing.get_type_hints(cls)
@@ -145,7 +182,7 @@ def add_dataclass_arguments(
         if hints[f.name] is bool:
             group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **options)
         else:
-            parse = (types_by_name or {}).get(f.name) or _scalar(hints[f.name])
+            parse = (types_by_name or {}).get(f.name) or _FIELD_TYPES.get(f.name) or _scalar(hints[f.name])
             group.add_argument(flag(f.name), type=parse, **options)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..io.run import load_run
 from ..training.loop import resolve_device
-from .options import non_negative_int, positive
+from .options import device_option, non_negative_int, positive, seed_option
 
 __all__ = ["add_parser", "run"]
 
@@ -21,8 +21,8 @@ def add_parser(commands: Any) -> None:
         "--khat-samples", type=non_negative_int, default=500, help="K for the k-hat plot; 0 skips it"
     )
     plot.add_argument("--khat-limit", type=positive(int), default=500, help="test points in the k-hat plot")
-    plot.add_argument("--seed", type=non_negative_int, default=0)
-    plot.add_argument("--device", default="auto")
+    plot.add_argument("--seed", type=seed_option, default=0)
+    plot.add_argument("--device", type=device_option, default="auto")
     plot.set_defaults(run=run)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..io.run import load_run
 from ..training.loop import resolve_device
-from .options import non_negative_int, positive
+from .options import device_option, positive, seed_option
 
 __all__ = ["add_parser", "run"]
 
@@ -17,8 +17,8 @@ def add_parser(commands: Any) -> None:
     sample.add_argument("run_dir", metavar="RUN_DIR")
     sample.add_argument("--num", type=positive(int), default=64)
     sample.add_argument("--out", required=True, metavar="FILE.png")
-    sample.add_argument("--seed", type=non_negative_int, default=0)
-    sample.add_argument("--device", default="auto")
+    sample.add_argument("--seed", type=seed_option, default=0)
+    sample.add_argument("--device", type=device_option, default="auto")
     sample.set_defaults(run=run)
 
 

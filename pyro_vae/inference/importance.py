@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .._typing import ModelFn
 from ..components.kernels import AUTO_ROWS, compiled_kernels
-from ..errors import PyroVAEError
+from ..errors import PyroVAEError, PyroVAETypeError
 from .bounds import Bounds, default_iwae_ks
 from .conditioning import per_datum_pair
 from .psis import MIN_SAMPLES_FOR_KHAT, psis_khat
@@ -50,9 +50,27 @@ __all__ = ["check_sampling_args", "evaluate_bounds", "log_marginal"]
 
 
 def check_sampling_args(
-    x: torch.Tensor, *, num_samples: int, chunk_size: int, data_chunk_size: int | None
+    x: torch.Tensor,
+    *,
+    num_samples: int,
+    chunk_size: int,
+    data_chunk_size: int | None,
+    model: object = None,
 ) -> None:
-    """Reject, with a sentence each, the arguments every importance-sampling pass over ``x`` shares."""
+    """Reject, with a sentence each, the arguments every importance-sampling pass over ``x`` shares.
+
+    ``x`` must be a non-empty floating-point tensor with real storage (not on
+    the meta device), in float32 or float64 but not half precision, whose
+    K log-weights per datum of a data chunk fit in memory
+    (:func:`~pyro_vae.resources.evaluation_bytes`). With ``model`` (the model
+    function; a bound method of an ``nn.Module`` is checked against that
+    module) ``x`` must also have the module's dtype and be data it can score:
+    :func:`~pyro_vae.models.abilities.check_data`, its width, finite values and
+    the support of its likelihood (grey values on a Bernoulli model are refused).
+    """
+    from ..models.abilities import check_data  # models import inference: imported when first used
+    from ..resources import check_fits, evaluation_bytes
+
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise PyroVAEError(f"num_samples must be a positive integer, got {num_samples!r}")
     if chunk_size < 1:
@@ -61,6 +79,27 @@ def check_sampling_args(
         raise PyroVAEError(f"data_chunk_size must be a positive integer or None, got {data_chunk_size!r}")
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise PyroVAEError("x must be a non-empty tensor whose first dimension indexes data points")
+    if x.device.type == "meta":
+        raise PyroVAEError("x is on the meta device, which holds shapes but no values; pass data with values")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise PyroVAETypeError(
+            f"x must be float32 (or float64 for a float64 model), got {x.dtype}; use x.float()"
+        )
+    need = evaluation_bytes(
+        num_samples=num_samples, num_data=x.shape[0], chunk_size=chunk_size, data_chunk_size=data_chunk_size
+    )
+    check_fits(
+        need, device=x.device, what=f"importance sampling with K={num_samples}", advice="lower the samples K"
+    )
+    module = getattr(model, "__self__", None)
+    if isinstance(module, torch.nn.Module):
+        weight = next(iter(module.parameters()), None)
+        if weight is not None and weight.is_floating_point() and weight.dtype != x.dtype:
+            raise PyroVAETypeError(
+                f"x is {x.dtype} but the model's weights are {weight.dtype}; convert the data with "
+                f"x.to({weight.dtype}) (x.float() for a float32 model)"
+            )
+        check_data(module, x)
 
 
 def evaluate_bounds(
@@ -97,7 +136,9 @@ def evaluate_bounds(
     log p(x_i | g*) (:mod:`pyro_vae.inference.conditioning`); the bounds name
     those sites in ``conditional_on``.
     """
-    check_sampling_args(x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size)
+    check_sampling_args(
+        x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size, model=model
+    )
     ks = sorted(set(default_iwae_ks(num_samples) if iwae_ks is None else iwae_ks))
     if any(k < 1 or k > num_samples for k in ks):
         raise PyroVAEError(f"every IWAE k must lie in 1..num_samples={num_samples}, got {ks}")

@@ -41,6 +41,22 @@ def _posterior_mean(site: dict[str, Any], num_samples: int, num_data: int) -> to
     return values.double().mean(0)
 
 
+def _per_unit_log_density(site: dict[str, Any]) -> torch.Tensor | None:
+    """log-density of each coordinate of a site that factorizes over them, [..., d]; None for one that does not.
+
+    An ``Independent`` of a univariate distribution (a diagonal Gaussian, a Laplace) is a product over its
+    last dimension; flows, mixtures and full-covariance Gaussians are not, and have no per-unit share.
+    """
+    fn = site["fn"]
+    if not (
+        isinstance(fn, dist.Independent)
+        and fn.reinterpreted_batch_ndims == 1
+        and fn.base_dist.event_shape == ()
+    ):
+        return None
+    return fn.base_dist.log_prob(site["value"])
+
+
 def latent_layers(
     model: ModelFn,
     guide: ModelFn,
@@ -60,9 +76,16 @@ def latent_layers(
       shares add up to the whole KL;
     - ``active_units``: how many coordinates u have A_u = Var_x(E_q[z_u | x])
       above ``threshold`` (Burda et al., 2016, section 5.2: 0.01). A unit whose
-      posterior mean does not move with x carries no information about it.
+      posterior mean does not move with x carries no information about it;
+    - ``unit_kl``: each coordinate's share of the layer's KL,
+      E_q[log q(z_u | ...) - log p(z_u | ...)], where both q and p factorize over
+      the coordinates (diagonal Gaussians; else None), and ``units_with_kl``, how
+      many carry more than ``threshold`` nats. With a learned prior scale the
+      active-unit count misleads (a unit can vary with x on a tiny scale and
+      carry nothing); the KL per unit is the information it carries.
 
-    Returns one dict per layer, lowest first: ``{"site", "dim", "kl", "active_units"}``.
+    Returns one dict per layer, lowest first:
+    ``{"site", "dim", "kl", "active_units", "unit_kl", "units_with_kl"}``.
     The pair is validated first; global latents (sites outside the data plate)
     are not layers: they are fixed at the guide's plug-in value, and every
     share is then conditional on it (:mod:`pyro_vae.inference.conditioning`).
@@ -73,6 +96,7 @@ def latent_layers(
     data_chunk_size = data_chunk_size or max(1, ROWS_PER_PASS // num_samples)
     kl: dict[str, list[torch.Tensor]] = {}
     means: dict[str, list[torch.Tensor]] = {}
+    unit_kl: dict[str, list[torch.Tensor] | None] = {}
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block():
         particle_dim = -pair.max_plate_nesting - 1
         for xs in x.split(data_chunk_size):
@@ -85,16 +109,27 @@ def latent_layers(
                 log_p = site_log_density(model_trace.nodes[name], particle_dim=particle_dim)
                 kl.setdefault(name, []).append((log_q - log_p).double().mean(0).cpu())  # [n]
                 means.setdefault(name, []).append(_posterior_mean(site, num_samples, xs.shape[0]).cpu())
+                unit_q = _per_unit_log_density(site)
+                unit_p = _per_unit_log_density(model_trace.nodes[name])
+                if unit_q is None or unit_p is None or unit_kl.get(name, []) is None:
+                    unit_kl[name] = None
+                else:
+                    per_unit = (unit_q - unit_p).double().reshape(num_samples, xs.shape[0], -1)  # [K, n, d]
+                    unit_kl.setdefault(name, []).append(per_unit.mean(0).sum(0).cpu())  # [d], summed over n
     layers = []
     for name in sorted(kl, key=_layer_order):
         posterior_means = torch.cat(means[name])  # [N, d]
         activity = posterior_means.var(0, unbiased=False)  # [d]
+        parts = unit_kl.get(name)
+        units = None if parts is None else (torch.stack(parts).sum(0) / x.shape[0])  # [d], mean over the data
         layers.append(
             {
                 "site": name,
                 "dim": posterior_means.shape[1],
                 "kl": float(torch.cat(kl[name]).mean()),
                 "active_units": int((activity > threshold).sum()),
+                "unit_kl": None if units is None else units.tolist(),
+                "units_with_kl": None if units is None else int((units > threshold).sum()),
             }
         )
     return layers

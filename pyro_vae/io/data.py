@@ -24,7 +24,10 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -84,6 +87,9 @@ class Dataset:
     test_labels: torch.Tensor | None = None  # (n_test,) int64
     valid: torch.Tensor | None = None  # (n_valid, D)
     valid_labels: torch.Tensor | None = None  # (n_valid,) int64
+    # A user's file: its absolute path and the SHA-256 of the bytes read (None for a registered data set).
+    source: Path | None = None
+    sha256: str | None = None
 
     def __post_init__(self) -> None:
         dim = None
@@ -154,20 +160,29 @@ def default_data_dir() -> Path:
 
 
 def load_dataset(
-    name_or_path: str, *, data_dir: str | os.PathLike | None = None, download: bool = True
+    name_or_path: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    sha256: str | None = None,
 ) -> Dataset:
     """Load a registered data set by name, or a user's ``.npy`` / ``.npz`` file by path.
 
     ``data_dir`` is where the standard files are looked for (torchvision's
     layout; default :func:`default_data_dir`); it is only read. With
     ``download=True`` missing files are fetched into :func:`default_data_dir`.
+
+    A user's file is read once; the Dataset keeps its absolute path
+    (``source``) and the SHA-256 of the bytes it was parsed from (``sha256``).
+    Given ``sha256`` (the digest a run was trained on), a file whose bytes
+    have another digest is refused with a DataError naming both.
     """
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if name_or_path in DATASETS:
         return DATASETS.get(name_or_path)(data_dir=root, download=download)
     path = Path(name_or_path).expanduser()
     if path.suffix in (".npy", ".npz") or path.is_file():
-        return _load_user_file(path)
+        return _load_user_file(path, sha256=sha256)
     raise DataError(
         f"unknown data set {name_or_path!r}; choose one of: {', '.join(DATASETS.names())}, "
         "or pass a path to a .npy / .npz file"
@@ -557,14 +572,24 @@ def _as_rows(array: np.ndarray, where: str) -> np.ndarray:
         )
     if array.size == 0:
         raise DataError(f"{where}: the array is empty (shape {array.shape}); save at least 2 rows of data")
-    x = array.reshape(len(array), -1).astype(np.float32)  # float32 overflow becomes inf, caught below
-    for count, kind in ((np.isnan(x), "NaN"), (np.isinf(x), "infinite")):
+    rows = array.reshape(len(array), -1)  # [N, D] in the file's own dtype
+    # NaN and inf are looked for in the file's values, before float32 could turn a large finite one into inf.
+    for count, kind in ((np.isnan(rows), "NaN"), (np.isinf(rows), "infinite")):
         if count.any():
             row = int(np.flatnonzero(count.any(axis=1))[0])
             raise DataError(
                 f"{int(count.sum())} {kind} values in {where} (first in row {row}); "
                 "remove or impute them before training"
             )
+    if np.issubdtype(rows.dtype, np.floating):
+        big = np.abs(rows) > np.finfo(np.float32).max
+        if big.any():
+            row = int(np.flatnonzero(big.any(axis=1))[0])
+            raise DataError(
+                f"{int(big.sum())} values in {where} are finite but beyond float32's range (|x| > 3.4e38, "
+                f"first in row {row}); rescale the data"
+            )
+    x = rows.astype(np.float32)
     return x
 
 
@@ -591,14 +616,34 @@ def _split_single(name: str, array: np.ndarray, where: str) -> Dataset:
     )
 
 
-def _load_user_file(path: Path) -> Dataset:
-    """A user's ``.npy`` (one array, split 90/10) or ``.npz`` (``train``/``test`` keys, or one array)."""
+def _load_user_file(path: Path, *, sha256: str | None = None) -> Dataset:
+    """A user's ``.npy`` (one array, split 90/10) or ``.npz`` (``train``/``test`` keys, or one array).
+
+    The bytes are read once, then hashed and parsed, so the digest kept is
+    that of exactly the data loaded.
+    """
     if not path.is_file():
         raise DataError(
             f"{path}: no such file; pass a registered data set name or an existing .npy / .npz file"
         )
+    path = path.resolve()
     try:
-        loaded = np.load(path, allow_pickle=False)
+        content = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {_one_line(e)}") from None
+    digest = hashlib.sha256(content).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise DataError(
+            f"{path} has changed since the run was trained on it: its SHA-256 was {sha256} and is now "
+            f"{digest}; put the original file back, or train a new run on this one"
+        )
+    dataset = _parse_user_file(path, io.BytesIO(content))
+    return dataclasses.replace(dataset, source=path, sha256=digest)
+
+
+def _parse_user_file(path: Path, content: io.BytesIO) -> Dataset:
+    try:
+        loaded = np.load(content, allow_pickle=False)
     except Exception as e:  # numpy raises many kinds on a bad file
         raise DataError(f"cannot read {path} as a numpy .npy / .npz file: {_one_line(e)}") from None
     name = path.stem

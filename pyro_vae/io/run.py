@@ -8,7 +8,10 @@
     RUN_DIR/evaluation.json  the last importance-sampled evaluation, when one was made
 
 Files are written to a temporary name and renamed, so a run folder never
-holds a half-written file.
+holds a half-written file. A trainer holds the folder's lock (``RUN_DIR/.lock``,
+:mod:`pyro_vae.io.lock`) while it writes; ``--overwrite`` sets the old run's
+files aside in ``RUN_DIR/.replaced`` until the new run has its first
+checkpoint (:func:`set_aside_run`, :func:`settle_replacement`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -27,17 +31,32 @@ from torch import nn
 from .._typing import DeviceLike, VAEModel
 from ..config import DataConfig, ModelConfig, TrainConfig
 from ..errors import PyroVAEError
-from ..files import write_atomic, write_text_atomic
+from ..files import write_text_atomic
 from ..models.abilities import needs_binary_data
 from ..models.spec import SOURCE_FILE, ModelSpec
-from ..training.state import EpochRecord
+from ..training.state import EpochRecord, load_weights, save_weights
 from .binarization import prepare_split, resolve_binarize
 from .data import Dataset, load_dataset
 
-__all__ = ["FORMAT", "Run", "is_run_dir", "load_run", "save_config", "save_evaluation", "save_run"]
+__all__ = [
+    "FORMAT",
+    "RUN_FILES",
+    "Run",
+    "is_run_dir",
+    "load_run",
+    "read_data_config",
+    "save_config",
+    "save_evaluation",
+    "save_run",
+    "set_aside_run",
+    "settle_replacement",
+]
 
 FORMAT = "pyro_vae.run/1"
 _FILES = ("config.json", "model.pt", "metrics.csv")
+# Every file a run consists of: --overwrite replaces these and leaves anything else in the folder (pictures,
+# a user's notes) where it is.
+RUN_FILES = ("checkpoint.pt", "config.json", "model.pt", "metrics.csv", "evaluation.json", SOURCE_FILE)
 
 
 @dataclass
@@ -68,7 +87,9 @@ class Run:
 
     @cached_property
     def dataset(self) -> Dataset:
-        return load_dataset(self.data_config.dataset, data_dir=self.data_config.data_dir)
+        """The run's data set; a user's file must still have the bytes it was trained on (if the run kept their hash)."""
+        config = self.data_config
+        return load_dataset(config.dataset, data_dir=config.data_dir, sha256=config.sha256)
 
     @cached_property
     def binarize(self) -> str:
@@ -151,13 +172,82 @@ def save_run(
             f"a run folder saves the model's weights, so it must be an nn.Module, got {type(vae).__name__}"
         )
     state = {name: tensor.detach().cpu() for name, tensor in vae.state_dict().items()}
-    write_atomic(path / "model.pt", lambda handle: torch.save(state, handle))
+    save_weights(path / "model.pt", state)  # sealed with its SHA-256 (see pyro_vae.training.state)
     rows = ["epoch,train_elbo,test_elbo,seconds"]
     for r in history:
         test = "" if r.test_elbo is None else repr(r.test_elbo)
         rows.append(f"{r.epoch},{r.train_elbo!r},{test},{r.seconds:.6f}")
     write_text_atomic(path / "metrics.csv", "\n".join(rows) + "\n")
     return path
+
+
+def read_data_config(path: str | os.PathLike[str]) -> DataConfig:
+    """The data config of the run in ``path`` (its ``config.json``), without building its model."""
+    path = Path(path)
+    try:
+        return DataConfig.from_dict(json.loads((path / "config.json").read_text())["data"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as error:
+        raise PyroVAEError(
+            f"{path / 'config.json'} is not a valid run config ({type(error).__name__}: {error}); "
+            "train afresh with --overwrite"
+        ) from None
+
+
+# How --overwrite replaces a run so that a SIGKILL at any moment loses neither the old run nor, once it has
+# a checkpoint, the new one. The old run's files are renamed into RUN_DIR/.replaced.tmp one by one (the new
+# run has written nothing yet), then that folder is renamed to RUN_DIR/.replaced in one step; only then does
+# the new run write its files, into RUN_DIR itself (so every path, the lock's and the checkpoint's, stays
+# what it is). Which of two folders exists says how far a killed process got:
+#   .replaced.tmp  RUN_DIR holds nothing but old files: move the rest back.
+#   .replaced      the old run is complete in it, RUN_DIR holds only the new run's files. A checkpoint.pt
+#                  in RUN_DIR is therefore the new run's first: keep the new run, delete .replaced. Without
+#                  one, delete the new files, rename .replaced back to .replaced.tmp, and move back as above.
+# Every step can be redone after a kill in the middle of it. The settling happens at the end of the command,
+# and else at the next one that takes the folder's lock (settle_replacement).
+_SETTING_ASIDE = ".replaced.tmp"
+_SET_ASIDE = ".replaced"
+
+
+def set_aside_run(path: str | os.PathLike[str]) -> bool:
+    """Move the run files in ``path`` into ``path/.replaced``; False if there were none to move.
+
+    Hold the folder's lock exclusively, and :func:`settle_replacement` first.
+    """
+    path = Path(path)
+    present = [name for name in RUN_FILES if (path / name).exists()]
+    if not present:
+        return False
+    staging = path / _SETTING_ASIDE
+    staging.mkdir()
+    for name in present:
+        os.replace(path / name, staging / name)
+    os.replace(staging, path / _SET_ASIDE)
+    return True
+
+
+def settle_replacement(path: str | os.PathLike[str]) -> str | None:
+    """Finish an overwrite of the run in ``path``: keep the new run if it has a checkpoint, else the old.
+
+    Returns a sentence when the old run was brought back, None otherwise
+    (nothing was being replaced, or the new run had its checkpoint). Hold the
+    folder's lock exclusively.
+    """
+    path = Path(path)
+    staging, aside = path / _SETTING_ASIDE, path / _SET_ASIDE
+    if aside.is_dir():
+        if (path / "checkpoint.pt").exists():
+            shutil.rmtree(aside)
+            return None
+        for name in RUN_FILES:
+            (path / name).unlink(missing_ok=True)
+        os.replace(aside, staging)
+    if not staging.is_dir():
+        return None
+    for name in RUN_FILES:
+        if (staging / name).exists():
+            os.replace(staging / name, path / name)
+    staging.rmdir()
+    return f"the run in {path} is kept: the run meant to replace it stopped before its first checkpoint"
 
 
 def save_evaluation(path: str | os.PathLike[str], summary: dict[str, Any]) -> None:
@@ -183,31 +273,37 @@ def load_run(path: str | os.PathLike[str], *, device: DeviceLike = "cpu") -> Run
         model_spec = ModelSpec.from_dict(config["model"], folder=path)
         train_config = TrainConfig.from_dict(config["train"])
         data_config = DataConfig.from_dict(config["data"])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as error:
         raise PyroVAEError(
-            f"{path / 'config.json'} is not a valid run config ({error}); retrain the run"
+            f"{path / 'config.json'} is not a valid run config ({type(error).__name__}: {error}); retrain the run"
         ) from None
     vae = model_spec.build()
     if not isinstance(vae, nn.Module):
         raise PyroVAEError(
             f"{model_spec.name} builds a {type(vae).__name__}, not an nn.Module with weights to load"
         )
+    state = load_weights(path / "model.pt")  # its checksum verified, every weight finite
     try:
-        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
         vae.load_state_dict(state)
-    except Exception as error:  # a truncated file raises anything from EOFError to RuntimeError
+    except Exception as error:  # names or shapes of another model
         raise PyroVAEError(
             f"{path / 'model.pt'} cannot be loaded into the configured model ({error})"
         ) from None
     vae.to(device)
     with open(path / "metrics.csv", newline="") as handle:
-        history = [
-            EpochRecord(
-                epoch=int(row["epoch"]),
-                train_elbo=float(row["train_elbo"]),
-                test_elbo=float(row["test_elbo"]) if row["test_elbo"] else None,
-                seconds=float(row["seconds"]),
-            )
-            for row in csv.DictReader(handle)
-        ]
+        try:
+            history = [
+                EpochRecord(
+                    epoch=int(row["epoch"]),
+                    train_elbo=float(row["train_elbo"]),
+                    test_elbo=float(row["test_elbo"]) if row["test_elbo"] else None,
+                    seconds=float(row["seconds"]),
+                )
+                for row in csv.DictReader(handle)
+            ]
+        except (KeyError, ValueError, TypeError) as error:  # another header, a cell that is not a number
+            raise PyroVAEError(
+                f"{path / 'metrics.csv'} is not pyro_vae's table of epochs (header epoch,train_elbo,test_elbo,"
+                f"seconds; {type(error).__name__}: {error}); restore it or retrain the run"
+            ) from None
     return Run(path, model_spec, train_config, data_config, vae, history)

@@ -5,6 +5,7 @@ from . import abilities
 from .abilities import AbilityMissing
 from .build import build_vae
 from .hierarchical import GaussianLayer, HierarchicalVAE
+from .initialization import init_output_bias
 from .plate import data_plate
 from .spec import ModelSpec
 from .vae import VAE
@@ -18,4 +19,5 @@ __all__ = [
     "abilities",
     "build_vae",
     "data_plate",
+    "init_output_bias",
 ]

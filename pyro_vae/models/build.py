@@ -77,7 +77,10 @@ def build_vae(config: ModelConfig) -> VAE | HierarchicalVAE:
         guide_head=guide_head if config.inference == "bottom-up" else None,
         decoder=decoder,
         latent_dims=config.latent_dims,
+        layer_hidden_dims=config.layer_hidden_dims,
         hidden_depth=len(config.hidden_dims),
         activation=activation_class(config.activation or "softplus"),
         inference=config.inference,
+        top_down=config.top_down,
+        init=config.layer_init,
     )

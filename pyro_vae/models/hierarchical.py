@@ -43,11 +43,16 @@ from ..components.guides import GuideHead
 from ..components.likelihoods import Likelihood
 from ..components.nets import MLP
 from ..components.priors import Prior
+from ..config import LAYER_INITS, TOP_DOWN
 from ..errors import PyroVAEError
 from .abilities import MEAN_SAMPLES, guide_means
 from .plate import data_plate
 
-__all__ = ["GaussianLayer", "HierarchicalVAE"]
+__all__ = [
+    "GaussianLayer",
+    "HierarchicalVAE",
+    "glorot_init",
+]
 
 _MIN_SCALE = 1e-5
 
@@ -57,22 +62,70 @@ class GaussianLayer(nn.Module):
 
     Used for p(z_l | z_{l+1}) in the model and q(z_{l+1} | z_l) in the
     bottom-up guide. Leading dimensions of ``h`` (particles, data) pass through.
+
+    ``residual=True`` adds a linear path to the mean, mu(h) = W h + head(body(h)),
+    with W [out_dim, in_dim] starting as the identity on the first min(in_dim,
+    out_dim) coordinates (``torch.eye(out_dim, in_dim)``): the mean depends on h
+    with a Jacobian of singular values about 1 from the first step, instead of
+    through a stack of layers that each shrink the signal. ``init="glorot"``
+    draws every weight from the heuristic of Glorot & Bengio (2010), as Burda et
+    al. (2016, section 5) did, with zero biases; ``"torch"`` keeps torch's
+    default (uniform of bound 1 / sqrt(fan_in), which shrinks the signal's
+    variance about threefold per layer).
+
+    References:
+        Glorot & Bengio, "Understanding the difficulty of training deep
+        feedforward neural networks", AISTATS 2010.
     """
 
     def __init__(
-        self, in_dim: int, hidden_dims: Sequence[int], out_dim: int, *, activation: type[nn.Module]
+        self,
+        in_dim: int,
+        hidden_dims: Sequence[int],
+        out_dim: int,
+        *,
+        activation: type[nn.Module],
+        residual: bool = False,
+        init: str = "torch",
     ) -> None:
         super().__init__()
+        if init not in LAYER_INITS:
+            raise PyroVAEError(f"init must be one of {', '.join(LAYER_INITS)}, got {init!r}")
         self.body = MLP(in_dim, hidden_dims, activation=activation)
         self.loc = nn.Linear(self.body.out_dim, out_dim)
         self.raw_scale = nn.Linear(self.body.out_dim, out_dim)
+        if init == "glorot":
+            glorot_init(self)
+        # Created after the other layers so that a plain layer draws the same weights as before it existed.
+        self.skip: nn.Linear | None = None
+        if residual:
+            self.skip = nn.Linear(in_dim, out_dim, bias=False)
+            with torch.no_grad():
+                self.skip.weight.copy_(torch.eye(out_dim, in_dim))
 
     def params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.body(h)
-        return self.loc(features), F.softplus(self.raw_scale(features)) + _MIN_SCALE
+        features = self.body(h)  # [..., hidden_dims[-1]]
+        loc = self.loc(features)  # [..., out_dim]
+        if self.skip is not None:
+            loc = loc + self.skip(h)
+        return loc, F.softplus(self.raw_scale(features)) + _MIN_SCALE
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
         return dist.Normal(*self.params(h)).to_event(1)
+
+
+def glorot_init(module: nn.Module) -> None:
+    """Every ``nn.Linear`` of ``module``: weights ~ U(-a, a), a = sqrt(6 / (fan_in + fan_out)), biases 0.
+
+    The heuristic of Glorot & Bengio (2010) that Burda et al. (2016) used; it
+    keeps the variance of a signal (and of its gradient) about constant through
+    tanh layers, where torch's default divides it by about 3 per layer.
+    """
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
 
 
 class HierarchicalVAE(nn.Module):
@@ -94,9 +147,12 @@ class HierarchicalVAE(nn.Module):
         guide_head: GuideHead | None,
         decoder: nn.Module,
         latent_dims: Sequence[int],
+        layer_hidden_dims: Sequence[Sequence[int]] | None = None,
         hidden_depth: int = 2,
         activation: type[nn.Module] = nn.Softplus,
         inference: str = "bottom-up",
+        top_down: str = "residual",
+        init: str = "glorot",
     ) -> None:
         super().__init__()
         dims = list(latent_dims)
@@ -108,34 +164,55 @@ class HierarchicalVAE(nn.Module):
             )
         if inference not in ("bottom-up", "ladder"):
             raise PyroVAEError(f"inference must be 'bottom-up' or 'ladder', got {inference!r}")
+        if top_down not in TOP_DOWN:
+            raise PyroVAEError(f"top_down must be one of {', '.join(TOP_DOWN)}, got {top_down!r}")
         if inference == "bottom-up" and (guide_head is None or guide_head.latent_dim != dims[0]):
             raise PyroVAEError(f"bottom-up inference needs a guide head for z1 with latent_dim {dims[0]}")
+        # Between z_l and z_{l+1} (both directions): by default `hidden_depth` layers as wide as z_l, the
+        # lower layer (Burda et al., 2016, section 5: z1 (100) -> 100 -> 100 -> z2 (50)).
+        if layer_hidden_dims is None:
+            layer_hidden_dims = [[dims[i]] * hidden_depth for i in range(len(dims) - 1)]
+        widths = [list(w) for w in layer_hidden_dims]
+        if len(widths) != len(dims) - 1 or any(not w for w in widths):
+            raise PyroVAEError(
+                f"{len(dims)} latent layers need {len(dims) - 1} non-empty lists of hidden widths (one "
+                f"between each pair of layers, z1-z2 first), got {widths}"
+            )
         self.latent_dims = dims
+        self.layer_hidden_dims = widths
         self.inference = inference
+        self.top_down = top_down
         self.prior = prior
         self.likelihood = likelihood
         self.encoder = encoder
         self.decoder = decoder
-        # Between layers l and l+1: `hidden_depth` hidden layers as wide as the upper layer (Burda et al.:
-        # 100 -> 50 -> 50 -> 50 between z1 = 100 and z2 = 50).
+        residual = top_down == "residual"
+        # down[i] is p(z_{i+1} | z_{i+2}); the order of creation (down, then up or ladder) fixes which
+        # weights a seed gives, so it stays as it was.
         self.down = nn.ModuleList(
-            GaussianLayer(dims[i + 1], [dims[i + 1]] * hidden_depth, dims[i], activation=activation)
+            GaussianLayer(
+                dims[i + 1], widths[i], dims[i], activation=activation, residual=residual, init=init
+            )
             for i in range(len(dims) - 1)
         )
         if inference == "bottom-up":
             self.guide_head = guide_head
             self.up = nn.ModuleList(
-                GaussianLayer(dims[i], [dims[i + 1]] * hidden_depth, dims[i + 1], activation=activation)
+                GaussianLayer(dims[i], widths[i], dims[i + 1], activation=activation, init=init)
                 for i in range(len(dims) - 1)
             )
         else:
-            feature_dim = encoder.out_dim
-            widths = [feature_dim] + [dims[i] for i in range(1, len(dims))]
+            # d_1 = encoder(x) [.., H], d_{l+1} = ladder_nets[l](d_l) [.., widths[l][-1]].
+            feature_dims = [encoder.out_dim] + [w[-1] for w in widths]
             self.ladder_nets = nn.ModuleList(
-                MLP(widths[i], [dims[i + 1]] * hidden_depth, activation=activation)
-                for i in range(len(dims) - 1)
+                MLP(feature_dims[i], widths[i], activation=activation) for i in range(len(dims) - 1)
             )
-            self.ladder_heads = nn.ModuleList(nn.Linear(widths[i], 2 * dims[i]) for i in range(len(dims)))
+            self.ladder_heads = nn.ModuleList(
+                nn.Linear(feature_dims[i], 2 * dims[i]) for i in range(len(dims))
+            )
+            if init == "glorot":
+                glorot_init(self.ladder_nets)
+                glorot_init(self.ladder_heads)
         self.prior.bind(encoder=encoder, guide_head=guide_head, data_dim=likelihood.data_dim)
 
     @property

@@ -1,5 +1,5 @@
 """What the training loop does around its steps, as hooks (Lightning's callbacks): progress, checkpoints,
-the NaN guard and Ctrl-C.
+the NaN guard, Ctrl-C and SIGTERM, and a refusal of runs that cannot finish.
 
 The loop calls every hook, in the order given, at each event:
 
@@ -31,6 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
+from ..resources import check_finishes
+from .distributed import run_on_main
 from .feeding import Feeder
 from .state import EpochRecord, TrainingState
 
@@ -38,9 +40,11 @@ __all__ = [
     "REFRESH_EVERY",
     "Checkpoints",
     "Hook",
+    "Interrupted",
     "Loop",
     "NaNGuard",
     "ProgressBar",
+    "RefuseEndless",
     "StopOnInterrupt",
 ]
 
@@ -57,6 +61,8 @@ class Loop(Protocol):
     device: torch.device
     steps_per_epoch: int
     checkpoint: Path | None
+    # The step at which this fit last wrote the checkpoint or resumed from it (None: neither, so far).
+    saved_at: int | None
 
     @property
     def at_sync(self) -> bool:
@@ -130,9 +136,10 @@ class NaNGuard(Hook):
     def check(self, loop: Loop) -> None:
         bad = -1 if self.first_bad is None else int(self.first_bad)
         if bad >= 0:
+            # Only a checkpoint this fit wrote or verified on resume is known good: not any file at that path.
             last = (
-                f"the last good checkpoint is {loop.checkpoint}"
-                if loop.checkpoint is not None and loop.checkpoint.exists()
+                f"the last good checkpoint is {loop.checkpoint} (step {loop.saved_at})"
+                if loop.checkpoint is not None and loop.saved_at is not None
                 else "no checkpoint was written"
             )
             raise FloatingPointError(
@@ -176,42 +183,81 @@ class ProgressBar(Hook):
             self.bar.close()
 
 
-class StopOnInterrupt(Hook):
-    """The first Ctrl-C (SIGINT) stops after the current step: checkpoint, then KeyboardInterrupt.
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM (``signum``), after writing the checkpoint where there is one."""
 
-    The signal only sets a flag (a second Ctrl-C stops at once). With shards
-    the flag travels with the next step's gradients, so every process stops
-    after the same step, and they wait for the save before leaving.
+    def __init__(self, message: str = "", *, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+# Ctrl-C, and what clusters (Slurm, Kubernetes) send some seconds before they kill a job.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopOnInterrupt(Hook):
+    """The first SIGINT (Ctrl-C) or SIGTERM stops after the current step: checkpoint, then :class:`Interrupted`.
+
+    The signal only sets a flag (a second one stops at once, without saving).
+    With shards the flag travels with the next step's gradients, so every
+    process stops after the same step, and they wait for the save before leaving.
     """
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+        self.requested: int | None = None  # the signal received, if any
+        self._previous: dict[int, Any] = {}
 
     def on_fit_start(self, loop: Loop) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested is not None:
+            raise Interrupted(signum=signum)
+        self.requested = signum
 
     def on_step_start(self, loop: Loop) -> None:
-        if self.requested:
+        if self.requested is not None:
             loop.feeder.request_stop()
 
     def on_step_end(self, loop: Loop, loss: torch.Tensor) -> None:
-        if loop.feeder.stop_requested(self.requested, at_sync=loop.at_sync):
+        if loop.feeder.stop_requested(self.requested is not None, at_sync=loop.at_sync):
             loop.save()
             loop.feeder.barrier()  # torchrun stops everyone at the first exit: after the save
             resumes = f"; the checkpoint {loop.checkpoint} resumes it" if loop.checkpoint is not None else ""
-            raise KeyboardInterrupt(f"stopped at step {loop.state.step}{resumes}")
+            # Another process of the group may have had the signal: this one stops as if by SIGINT.
+            raise Interrupted(
+                f"stopped at step {loop.state.step}{resumes}", signum=self.requested or signal.SIGINT
+            )
 
     def on_fit_end(self, loop: Loop) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+
+class RefuseEndless(Hook):
+    """After the first epoch of a fit, refuse (PyroVAEError) a run whose epochs left would outlast any machine.
+
+    The first epoch's wall time times the epochs left is the estimate (see
+    :func:`~pyro_vae.resources.check_finishes`); it runs after the epoch's
+    checkpoint is written, so the refusal loses nothing and ``--resume`` with
+    a smaller ``--epochs`` continues. Rank 0 decides for the whole group.
+    """
+
+    def __init__(self) -> None:
+        self.checked = False
+
+    def on_epoch_end(self, loop: Loop, record: EpochRecord) -> None:
+        if self.checked:
+            return
+        self.checked = True
+        epochs_left = loop.config.epochs - record.epoch
+        run_on_main(
+            lambda: check_finishes(
+                epoch_seconds=record.seconds, epochs_left=epochs_left, epochs=loop.config.epochs
+            )
+        )
 
 
 class Checkpoints(Hook):

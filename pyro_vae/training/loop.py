@@ -28,10 +28,11 @@ from .._typing import DeviceLike, VAEModel
 from ..config import TrainConfig
 from ..errors import PyroVAEError, PyroVAETypeError
 from ..inference.validation import validate_pair
+from ..resources import check_fits, training_bytes
 from .distributed import process_group, run_on_main
 from .elbo import mean_elbo
 from .feeding import Feeder, make_feeder
-from .hooks import REFRESH_EVERY, Checkpoints, Hook, NaNGuard, ProgressBar, StopOnInterrupt
+from .hooks import REFRESH_EVERY, Checkpoints, Hook, NaNGuard, ProgressBar, RefuseEndless, StopOnInterrupt
 from .state import (
     EpochRecord,
     TrainingState,
@@ -50,13 +51,26 @@ _OPTIONS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def resolve_device(device: DeviceLike = "auto") -> torch.device:
-    """``"auto"`` is the first CUDA device when there is one, else the CPU."""
+    """``"auto"`` is the first CUDA device when there is one, else the CPU; a device this machine lacks is refused."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PyroVAEError(f"unknown device {str(device)!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise PyroVAEError(
+                f"device {str(device)!r} was asked for but torch sees no CUDA device; use --device cpu or auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise PyroVAEError(f"device {str(device)!r} was asked for but torch sees {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise PyroVAEError("device 'mps' was asked for but this machine has no Apple GPU; use --device cpu")
+    elif device.type not in ("cpu", "mps"):
         raise PyroVAEError(
-            "device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto"
+            f"device {str(device)!r} cannot train or evaluate here; use auto, cpu, cuda or cuda:N"
         )
     return device
 
@@ -136,8 +150,9 @@ def fit(
     atomically at the end of every epoch and every ``checkpoint_every`` steps;
     ``resume=True`` continues from it (same data, same settings; ``epochs``
     may be raised to train longer). On the CPU a resumed run ends with exactly
-    the parameters of an uninterrupted one. Ctrl-C (SIGINT) stops after the
-    current step, writes the checkpoint and raises KeyboardInterrupt. A NaN or
+    the parameters of an uninterrupted one. Ctrl-C (SIGINT) or SIGTERM stops after
+    the current step, writes the checkpoint and raises :class:`~pyro_vae.training.hooks.Interrupted`
+    (a KeyboardInterrupt carrying the signal). A NaN or
     infinite loss stops training with FloatingPointError naming the step and
     the last good checkpoint; non-finite weights are never written.
     ``model_config`` (a :class:`~pyro_vae.ModelConfig`, or any JSON-able dict
@@ -177,12 +192,18 @@ def fit(
     _check_data(model, train, "training", dynamic_binarization=dynamic_binarization)
     if test is not None:
         _check_data(model, test, "test", dynamic_binarization=False)
+        if test.shape[1:] != train.shape[1:]:
+            raise PyroVAEError(
+                f"the test data have shape [N, {', '.join(map(str, test.shape[1:]))}] and the training data "
+                f"[N, {', '.join(map(str, train.shape[1:]))}]; give both the same width"
+            )
     num_data = train.shape[0]
     if config.batch_size > num_data:
         raise PyroVAEError(
             f"batch_size {config.batch_size} is larger than the {num_data} training points; use --batch-size "
             f"{num_data} or less"
         )
+    _check_memory(model, config, data_dim=train[0].numel(), device=run_device)
     model.to(run_device)  # type: ignore[attr-defined]
     train = train.to(run_device)
     test = test.to(run_device) if test is not None else None
@@ -201,7 +222,13 @@ def fit(
     steps_per_epoch = math.ceil(feeder.samples_per_epoch / config.batch_size)
     show = (sys.stdout.isatty() if progress is None else progress) and feeder.is_main
     # In this order at every event: nothing reads a bad loss, and the bar has counted a step before it stops.
-    built_in = [NaNGuard(), ProgressBar(show=show), StopOnInterrupt(), Checkpoints(every=checkpoint_every)]
+    built_in = [
+        NaNGuard(),
+        ProgressBar(show=show),
+        StopOnInterrupt(),
+        Checkpoints(every=checkpoint_every),
+        RefuseEndless(),  # after the epoch's checkpoint: a refusal loses nothing
+    ]
     # A param store of its own, so a parameter left in the global store by an
     # earlier model of the same name cannot stand in for this model's.
     with pyro.get_param_store().scope():
@@ -210,11 +237,8 @@ def fit(
             pyro.set_rng_seed(config.seed)
             state = TrainingState.start(device=run_device)
         else:
-            model.load_state_dict(saved["model"])  # type: ignore[attr-defined]
-            step.optim.set_state(saved["optim"])
+            _restore(model, step, saved, path=checkpoint)  # type: ignore[arg-type]
             state = TrainingState.from_checkpoint(saved, device=run_device)
-            if saved["rng"] is not None:  # None: a sharded run, whose draws follow from (seed, step)
-                restore_rng(saved["rng"])
         feeder.start(model)
         _Loop(
             model=model,
@@ -227,6 +251,7 @@ def fit(
             num_data=num_data,
             test=test,
             checkpoint=checkpoint,
+            saved_at=None if saved is None else saved["step"],
             model_config=description,
             hooks=[*built_in, *hooks],
         ).run()
@@ -247,6 +272,7 @@ class _Loop:
     num_data: int
     test: torch.Tensor | None  # [N_test, D] on the device, scored after every epoch
     checkpoint: Path | None
+    saved_at: int | None  # the step of the last checkpoint this fit wrote or resumed from
     model_config: Mapping[str, Any] | None  # describe_model's description, kept in the checkpoint
     hooks: Sequence[Hook]
 
@@ -285,7 +311,20 @@ class _Loop:
     def save(self) -> None:
         self._emit("on_save")
         if self.checkpoint is not None and self.feeder.is_main:
-            save_checkpoint(self.checkpoint, self._snapshot())
+            try:
+                save_checkpoint(self.checkpoint, self._snapshot())
+            except OSError as error:  # a full disk, above all: the file written before is still whole
+                kept = (
+                    f"the last checkpoint, {self.checkpoint} (step {self.saved_at}), is intact: make room and "
+                    "rerun with --resume"
+                    if self.saved_at is not None
+                    else "no checkpoint was written before"
+                )
+                raise OSError(
+                    error.errno,
+                    f"{error.strerror or error} writing {self.checkpoint} at step {self.state.step}; {kept}",
+                ) from error
+            self.saved_at = self.state.step
 
     def _snapshot(self) -> dict[str, Any]:
         return {
@@ -308,7 +347,54 @@ def _checkpoint_path(path: str | Path | None, *, every: int | None, resume: bool
         raise PyroVAEError(f"checkpoint_every must be a positive number of steps, got {every!r}")
     if (resume or every) and path is None:
         raise PyroVAEError("resume and checkpoint_every need a checkpoint path")
-    return None if path is None else Path(path)
+    if path is None:
+        return None
+    if not isinstance(path, str | Path):
+        raise PyroVAETypeError(f"checkpoint must be a file path (str or Path), got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise PyroVAEError(
+            f"checkpoint {path} is a folder; give the path of a file in it, e.g. {path / 'checkpoint.pt'}"
+        )
+    return path
+
+
+def _check_memory(model: VAEModel, config: TrainConfig, *, data_dim: int, device: torch.device) -> None:
+    """Refuse a training whose parameters and step activations cannot fit in ``device``'s memory."""
+    parameters = sum(p.numel() for p in model.parameters())  # type: ignore[attr-defined]
+    widths = sum(m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))  # type: ignore[attr-defined]
+    need = training_bytes(
+        parameters=parameters,
+        widths=widths,
+        data_dim=data_dim,
+        batch_size=config.batch_size,
+        num_particles=config.num_particles,
+    )
+    check_fits(
+        need,
+        device=device,
+        what=f"training with batch_size {config.batch_size} and num_particles {config.num_particles}",
+        advice="lower --num-particles or --batch-size",
+    )
+
+
+def _restore(model: torch.nn.Module, step: TrainStep, saved: Mapping[str, Any], *, path: Path) -> None:
+    """Load a checkpoint's weights, optimizer and random states; a state that does not fit is a damaged checkpoint."""
+    for what, restore in (
+        ("model weights", lambda: model.load_state_dict(saved["model"])),
+        ("optimizer state", lambda: step.optim.set_state(saved["optim"])),
+        # None: a sharded run, whose draws follow from (seed, step)
+        ("random state", lambda: saved["rng"] is not None and restore_rng(saved["rng"])),
+    ):
+        try:
+            restore()
+        except PyroVAEError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+            raise PyroVAEError(
+                f"the {what} in {path} cannot be restored ({type(error).__name__}: {error}); the checkpoint is "
+                "damaged: train afresh with --overwrite"
+            ) from None
 
 
 def _train_config(config: TrainConfig | None, keywords: Mapping[str, Any]) -> TrainConfig:
@@ -369,9 +455,16 @@ def _check_data(model: VAEModel, x: torch.Tensor, what: str, *, dynamic_binariza
         raise PyroVAEError(
             f"the {what} data must be a non-empty 2-D tensor [N, D], got shape {list(x.shape)}"
         )
-    if not x.is_floating_point():
+    if x.device.type == "meta":
+        raise PyroVAEError(f"the {what} data are on the meta device, which holds shapes but no values")
+    # Refused rather than converted, as torch's own layers refuse a float64 input to float32 weights: a silent
+    # cast would hide that the data are not what the user thinks (and half precision would lose them).
+    weight = next(iter(model.parameters()), None)  # type: ignore[attr-defined]
+    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+    if x.dtype != dtype:
+        convert = "x.float()" if dtype == torch.float32 else f"x.to({dtype})"
         raise PyroVAETypeError(
-            f"the {what} data must be floating point, got {x.dtype}; convert with x.float()"
+            f"the {what} data are {x.dtype} but the model's weights are {dtype}; convert with {convert}"
         )
     check = _data_check(model)
     if dynamic_binarization:
