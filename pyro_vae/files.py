@@ -30,6 +30,8 @@ def replace_atomic(path: Path, write_to: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write_to(Path(tmp))
+        # mkstemp makes the file 0600; a result is the user's, with the permissions their umask gives.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -40,6 +42,13 @@ def replace_atomic(path: Path, write_to: Callable[[Path], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _sync_folder(path)
+
+
+def _umask() -> int:
+    # The process's umask can only be read by setting it: set it back at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _naming(error: OSError, path: Path) -> OSError:

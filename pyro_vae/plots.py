@@ -359,8 +359,12 @@ def save_sample_grid(
     seed: int = 0,
     title: str | None = None,
     like: torch.Tensor | None = None,
+    draws: bool = False,
 ) -> Path:
-    """A square grid of ``num`` means of p(x | z) for ancestral draws z ~ p(z).
+    """A square grid of ``num`` means of p(x | z) for ancestral draws z ~ p(z), or (``draws``) x ~ p(x | z).
+
+    The means are what VAE papers usually show; the draws are what the model
+    really generates (for a Bernoulli likelihood, binary images with their noise).
 
     The draws come from a fork of torch's generators seeded with ``seed``: the
     same seed gives the same grid, and the caller's random stream is untouched.
@@ -379,7 +383,7 @@ def save_sample_grid(
     check_fits(need, device=device, what=f"drawing {num} samples", advice="lower --num")
     like = None if like is None else like.to(device)
     with _seeded(vae, seed):
-        samples = abilities.prior_samples(vae, num, like=like).cpu()
+        samples = abilities.prior_samples(vae, num, like=like, mean=not draws).cpu()
     images = _as_images(samples, image_shape)
     nrow = math.ceil(math.sqrt(num))
     fig = _grid_figure(math.ceil(num / nrow), nrow, extra_width=0.3, extra_height=0.9)
@@ -387,7 +391,8 @@ def save_sample_grid(
     _draw_grid(ax, images, nrow=nrow)
     if title is None:
         sites = abilities.latent_sites(vae, like) if like is not None else ("z",)
-        title = f"Means of p(x | {_given(sites)}) for {num} draws{_draws(sites)}"
+        kind = "Draws x ~ p(x | " if draws else "Means of p(x | "
+        title = f"{kind}{_given(sites)}) for {num} draws{_draws(sites)}"
     _set_title(ax, *title.split("\n"))
     return _save(fig, path)
 

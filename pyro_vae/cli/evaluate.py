@@ -9,8 +9,6 @@ on a terminal; piped, a line per data chunk goes to stderr instead.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from ..training.distributed import DataParallel, Stream
 from ..training.loop import resolve_device
 from .options import device_option, non_negative_int, positive, registry_choice, seed_option
 
-__all__ = ["add_parser", "evaluate_summary", "format_report", "run"]
+__all__ = ["add_parser", "evaluate_summary", "format_report", "khat_caveat", "run"]
 
 
 def add_parser(commands: Any) -> None:
@@ -197,15 +195,17 @@ def _options(args: argparse.Namespace) -> EvaluationOptions:
     )
 
 
-def _log_lines_when_piped() -> None:
-    """Piped (no terminal for a bar), the evaluators' line per data chunk goes to stderr."""
-    logger = logging.getLogger("pyro_vae.inference")
-    if sys.stderr.isatty() or logger.handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+def khat_caveat(summary: dict[str, Any]) -> str:
+    """The line that goes with every headline log p(x): how far its ± can be trusted, by PSIS k̂ per datum."""
+    n, frac = summary["num_data"], summary.get("khat_frac_above_0_7")
+    if frac is None:
+        return f"PSIS k-hat not estimated (K = {summary['num_samples']} is too few to fit a tail; use K >= 21)"
+    if frac == 0:
+        return f"PSIS k-hat <= 0.7 for all {n} test points (max {summary['khat_max']:.2f}): the ± can be trusted"
+    return (
+        f"k-hat > 0.7 for {100 * frac:.1f}% of the {n} test points: the ± understates the error; "
+        "see pyro-vae evaluate --method ais"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -215,7 +215,6 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         x = x[: args.limit]
     x = x.to(device)
-    _log_lines_when_piped()
     evaluation = run_evaluator(args.method, loaded.vae, x, options=_options(args))
     summary = evaluation.summary
     if args.method == "is":

@@ -31,13 +31,15 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from ..errors import PyroVAEError
+from ..version import __version__
 from . import evaluate, export, listing, plot, sample, train
 from .evaluate import format_report
 
@@ -45,7 +47,14 @@ __all__ = ["format_report", "main", "parser"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse's parser, whose errors are one line and a pointer to the help instead of the whole usage block."""
+    """argparse's parser, whose errors are one line and a pointer to the help instead of the whole usage block.
+
+    Its help shows every option's default (``ArgumentDefaultsHelpFormatter``).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help\n")
@@ -56,14 +65,44 @@ def parser() -> argparse.ArgumentParser:
     # Every command's parser is a _Parser too: add_subparsers makes them of the top parser's class.
     top = _Parser(prog="pyro-vae", description="Variational autoencoders as Pyro models.")
     top.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    loudness = top.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "--quiet", action="store_true", help="no progress lines (a line per epoch or chunk when piped)"
+    )
+    loudness.add_argument(
+        "--verbose", action="store_true", help="progress lines even on a terminal, with the bar"
+    )
     commands = top.add_subparsers(dest="command", required=True)
     for command in (train, evaluate, export, plot, sample, listing):
         command.add_parser(commands)
     return top
 
 
+def _configure_logging(args: argparse.Namespace) -> None:
+    """The package logs under ``pyro_vae``; here its progress lines go to stderr, one a line.
+
+    On a terminal the bars show progress and the lines stay hidden unless ``--verbose``; piped, there is no
+    bar and the lines (a line per epoch, a line per evaluation chunk) are what shows; ``--quiet`` hides them.
+    """
+    logger = logging.getLogger("pyro_vae")
+    if args.quiet:
+        level = logging.WARNING
+    elif args.verbose or not sys.stderr.isatty():
+        level = logging.INFO
+    else:
+        level = logging.WARNING
+    logger.setLevel(level)
+    if not any(getattr(h, "_pyro_vae_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._pyro_vae_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _configure_logging(args)
     # Under torchrun every process would say the same: the others name their rank, and stay silent where
     # all of them stop together (a NaN loss, Ctrl-C: decided with the gradients of the same step).
     rank = int(os.environ.get("RANK", "0")) if getattr(args, "distributed", False) else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..io.run import load_run
+from ..io.run import Run, load_run
 from ..training.loop import resolve_device
 from .options import device_option, positive, seed_option
 
@@ -19,7 +19,18 @@ def add_parser(commands: Any) -> None:
     sample.add_argument("--out", required=True, metavar="FILE.png")
     sample.add_argument("--seed", type=seed_option, default=0)
     sample.add_argument("--device", type=device_option, default="auto")
+    sample.add_argument(
+        "--draws",
+        action="store_true",
+        help="show draws x ~ p(x | z), what the model generates, instead of the means of p(x | z)",
+    )
     sample.set_defaults(run=run)
+
+
+def _title(loaded: Run, args: argparse.Namespace) -> str:
+    # What was drawn, from which run and with which seed, so a grid can be traced back to its command.
+    what = "draws x ~ p(x | z)" if args.draws else "means of p(x | z)"
+    return f"{args.num} {what} for z ~ p(z)\nrun {loaded.path.name}, seed {args.seed}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         image_shape=loaded.image_shape,
         seed=args.seed,
         like=loaded.data("test")[:2].to(device),
+        draws=args.draws,
+        title=_title(loaded, args),
     )
     print(f"wrote {path}")
     return 0

@@ -50,7 +50,7 @@ from ..training.distributed import process_group, run_on_main, torchrun_process_
 from ..training.hooks import Hook, Loop
 from ..training.loop import fit, resolve_device
 from ..training.state import EpochRecord
-from .evaluate import evaluate_summary
+from .evaluate import evaluate_summary, khat_caveat
 from .options import (
     add_dataclass_arguments,
     dataclass_from_args,
@@ -496,5 +496,6 @@ def _train(args: argparse.Namespace, out: Path, *, device: torch.device | None) 
             f"(importance sampling, K={args.eval_samples}); NLL {summary['nll']:.3f} nats, "
             f"{summary['bits_per_dim']:.4f} bits/dim"
         )
+        say(khat_caveat(summary))
     say(f"run saved to {out}")
     return 0

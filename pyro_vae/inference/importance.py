@@ -29,8 +29,10 @@ References:
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
+import time
 from collections.abc import Iterable, Sequence
 
 import pyro
@@ -47,6 +49,8 @@ from .psis import MIN_SAMPLES_FOR_KHAT, psis_khat
 from .traces import chunked_passes, traced_log_weights
 
 __all__ = ["check_sampling_args", "evaluate_bounds", "log_marginal"]
+
+LOGGER = logging.getLogger("pyro_vae.inference")
 
 
 def check_sampling_args(
@@ -144,7 +148,7 @@ def evaluate_bounds(
         raise PyroVAEError(f"every IWAE k must lie in 1..num_samples={num_samples}, got {ks}")
     pair = per_datum_pair(model, guide, x)
     chunks: list[Bounds] = []
-    show = sys.stdout.isatty() if progress is None else progress
+    show = sys.stderr.isatty() if progress is None else progress  # the bar draws on stderr
     fuse = x.shape[0] * num_samples >= AUTO_ROWS if compile is None else compile
 
     def one_pass(xs: torch.Tensor, k: int) -> torch.Tensor:
@@ -155,6 +159,7 @@ def evaluate_bounds(
     def bar(data_chunks: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
         return tqdm(data_chunks, disable=not show, desc="log p(x)", unit="chunk", file=sys.stderr)
 
+    done, start = 0, time.perf_counter()
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block(), compiled_kernels(fuse):
         for passes in chunked_passes(
             one_pass,
@@ -166,6 +171,15 @@ def evaluate_bounds(
         ):
             log_w = torch.cat(passes)  # [K, n] float64
             chunks.append(_reduce(log_w, ks, diagnostics=diagnostics, conditional_on=pair.conditional_on))
+            done += log_w.shape[1]
+            # A line per chunk on the package's logger (the command line shows it when piped).
+            LOGGER.info(
+                "log p(x), K = %d: %d of %d data points done (%.1f s)",
+                num_samples,
+                done,
+                x.shape[0],
+                time.perf_counter() - start,
+            )
     return Bounds.concatenate(chunks)
 
 

@@ -21,6 +21,7 @@ steps keep queuing behind each other.
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -39,6 +40,7 @@ from .state import EpochRecord, TrainingState
 __all__ = [
     "REFRESH_EVERY",
     "Checkpoints",
+    "EpochLog",
     "Hook",
     "Interrupted",
     "Loop",
@@ -47,6 +49,8 @@ __all__ = [
     "RefuseEndless",
     "StopOnInterrupt",
 ]
+
+LOGGER = logging.getLogger("pyro_vae.training")
 
 # How often (in steps) the progress bar, and on a GPU the NaN guard, read values back from the device.
 REFRESH_EVERY = 25
@@ -181,6 +185,32 @@ class ProgressBar(Hook):
     def on_fit_end(self, loop: Loop) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class EpochLog(Hook):
+    """One line per epoch on the ``pyro_vae.training`` logger: epoch, ELBOs, seconds and the time left.
+
+    The line is logged at INFO; the command line shows it when there is no bar (output piped to a file or
+    a pipe), so a long run in the background says where it is, as Pyro's own VAE example prints it.
+    Nothing is shown from Python unless logging is configured for ``pyro_vae``.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_epoch_end(self, loop: Loop, record: EpochRecord) -> None:
+        self.seconds.append(record.seconds)
+        left = (loop.config.epochs - record.epoch) * sum(self.seconds) / len(self.seconds)
+        test = "-" if record.test_elbo is None else f"{record.test_elbo:.3f}"
+        LOGGER.info(
+            "epoch %d/%d: train ELBO %.3f, test ELBO %s nats per datum; %.2f s, about %.0f s left",
+            record.epoch,
+            loop.config.epochs,
+            record.train_elbo,
+            test,
+            record.seconds,
+            left,
+        )
 
 
 class Interrupted(KeyboardInterrupt):

@@ -32,7 +32,16 @@ from ..resources import check_fits, training_bytes
 from .distributed import process_group, run_on_main
 from .elbo import mean_elbo
 from .feeding import Feeder, make_feeder
-from .hooks import REFRESH_EVERY, Checkpoints, Hook, NaNGuard, ProgressBar, RefuseEndless, StopOnInterrupt
+from .hooks import (
+    REFRESH_EVERY,
+    Checkpoints,
+    EpochLog,
+    Hook,
+    NaNGuard,
+    ProgressBar,
+    RefuseEndless,
+    StopOnInterrupt,
+)
 from .state import (
     EpochRecord,
     TrainingState,
@@ -162,7 +171,8 @@ def fit(
     training objective's minibatch estimates over the epoch (the ELBO itself
     for ``loss="elbo"`` with beta 1; the beta-weighted or IWAE bound
     otherwise); ``test_elbo`` is the plain ELBO of ``test`` after the epoch.
-    ``progress=None`` shows a progress bar only when stdout is a terminal.
+    ``progress=None`` shows a progress bar only when stderr is a terminal; every epoch is also
+    logged as one line on the ``pyro_vae.training`` logger (INFO), which the command line shows when piped.
     ``hooks`` are called after the built-in ones at every event (see
     :mod:`pyro_vae.training.hooks`).
 
@@ -220,7 +230,8 @@ def fit(
 
     feeder = make_feeder(train, config, dynamic_binarization=dynamic_binarization, device=run_device)
     steps_per_epoch = math.ceil(feeder.samples_per_epoch / config.batch_size)
-    show = (sys.stdout.isatty() if progress is None else progress) and feeder.is_main
+    # The bar draws on stderr, so it is stderr that must be a terminal (else a log fills with bar frames).
+    show = (sys.stderr.isatty() if progress is None else progress) and feeder.is_main
     # In this order at every event: nothing reads a bad loss, and the bar has counted a step before it stops.
     built_in = [
         NaNGuard(),
@@ -228,6 +239,7 @@ def fit(
         StopOnInterrupt(),
         Checkpoints(every=checkpoint_every),
         RefuseEndless(),  # after the epoch's checkpoint: a refusal loses nothing
+        *([EpochLog()] if feeder.is_main else []),
     ]
     # A param store of its own, so a parameter left in the global store by an
     # earlier model of the same name cannot stand in for this model's.
