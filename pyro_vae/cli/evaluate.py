@@ -25,7 +25,14 @@ from ..inference.layers import latent_layers
 from ..io.run import load_run, save_evaluation
 from ..training.distributed import DataParallel, Stream
 from ..training.loop import resolve_device
-from .options import device_option, non_negative_int, positive, registry_choice, seed_option
+from .options import (
+    add_dataclass_arguments,
+    dataclass_from_args,
+    device_option,
+    positive,
+    registry_choice,
+    seed_option,
+)
 
 __all__ = ["add_parser", "evaluate_summary", "format_report", "khat_caveat", "run"]
 
@@ -40,7 +47,7 @@ def add_parser(commands: Any) -> None:
         "--method",
         type=registry_choice(EVALUATORS),
         default="is",
-        help=f"the evaluator: {', '.join(EVALUATORS.names())} (default is)",
+        help=f"the evaluator: {', '.join(EVALUATORS.names())}",
     )
     evaluate.add_argument(
         "--num-samples", type=positive(int), default=1000, help="importance samples K per datum"
@@ -56,41 +63,7 @@ def add_parser(commands: Any) -> None:
     evaluate.add_argument("--seed", type=seed_option, default=0)
     evaluate.add_argument("--device", type=device_option, default="auto")
     annealing = evaluate.add_argument_group("ais, bdmc and gaps (annealed importance sampling)")
-    defaults = AnnealingSettings()
-    annealing.add_argument(
-        "--num-chains", type=positive(int), default=defaults.num_chains, help="AIS chains per datum"
-    )
-    annealing.add_argument(
-        "--num-steps",
-        type=positive(int),
-        default=defaults.num_steps,
-        help="annealing steps T (intermediate distributions)",
-    )
-    annealing.add_argument(
-        "--schedule", choices=("sigmoid", "geometric", "linear"), default=defaults.schedule
-    )
-    annealing.add_argument(
-        "--start",
-        choices=("guide", "prior"),
-        default=defaults.start,
-        help="the start of the path: q(z|x) or p(z)",
-    )
-    annealing.add_argument("--leapfrog-steps", type=positive(int), default=defaults.leapfrog_steps)
-    annealing.add_argument(
-        "--step-size", type=positive(float), default=defaults.step_size, help="the first HMC step size"
-    )
-    annealing.add_argument(
-        "--target-accept",
-        type=float,
-        default=defaults.target_accept,
-        help="acceptance the step size adapts to",
-    )
-    annealing.add_argument(
-        "--pilot-chains",
-        type=non_negative_int,
-        default=defaults.pilot_chains,
-        help="chains of the step-size pilot run (0: no adaptation)",
-    )
+    add_dataclass_arguments(annealing, AnnealingSettings)
     annealing.add_argument(
         "--data-chunk-size", type=positive(int), default=None, help="data points per vectorized pass"
     )
@@ -172,16 +145,7 @@ def _options(args: argparse.Namespace) -> EvaluationOptions:
         seed=args.seed,
         num_samples=args.num_samples,
         chunk_size=args.chunk_size,
-        annealing=AnnealingSettings(
-            num_chains=args.num_chains,
-            num_steps=args.num_steps,
-            schedule=args.schedule,
-            start=args.start,
-            leapfrog_steps=args.leapfrog_steps,
-            step_size=args.step_size,
-            target_accept=args.target_accept,
-            pilot_chains=args.pilot_chains,
-        ),
+        annealing=dataclass_from_args(AnnealingSettings, args),
         gaps=GapSettings(
             optimize_steps=args.optimize_steps,
             learning_rate=args.optimize_lr,
@@ -199,9 +163,13 @@ def khat_caveat(summary: dict[str, Any]) -> str:
     """The line that goes with every headline log p(x): how far its ± can be trusted, by PSIS k̂ per datum."""
     n, frac = summary["num_data"], summary.get("khat_frac_above_0_7")
     if frac is None:
-        return f"PSIS k-hat not estimated (K = {summary['num_samples']} is too few to fit a tail; use K >= 21)"
+        return (
+            f"PSIS k-hat not estimated (K = {summary['num_samples']} is too few to fit a tail; use K >= 21)"
+        )
     if frac == 0:
-        return f"PSIS k-hat <= 0.7 for all {n} test points (max {summary['khat_max']:.2f}): the ± can be trusted"
+        return (
+            f"PSIS k-hat <= 0.7 for all {n} test points (max {summary['khat_max']:.2f}): the ± can be trusted"
+        )
     return (
         f"k-hat > 0.7 for {100 * frac:.1f}% of the {n} test points: the ± understates the error; "
         "see pyro-vae evaluate --method ais"

@@ -169,7 +169,7 @@ def add_dataclass_arguments(
 ) -> None:
     """One flag per field of the dataclass ``cls``: ``--field-name``, its default, and ``metadata["help"]``.
 
-    A ``bool`` field gets ``--name/--no-name``; a ``device`` field
+    A ``bool`` field gets ``--name/--no-name``; a ``Literal`` field its values as choices; a ``device`` field
     :func:`device_option`; any other its annotation's type (``X | None`` as
     X), unless ``types_by_name`` gives a parser for it (a registry's names). Values are checked by ``cls`` itself when
     :func:`dataclass_from_args` builds it, so every rule is written once, there.
@@ -181,6 +181,8 @@ def add_dataclass_arguments(
             options["metavar"] = f.metadata["metavar"]
         if hints[f.name] is bool:
             group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **options)
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            group.add_argument(flag(f.name), choices=typing.get_args(hints[f.name]), **options)
         else:
             parse = (types_by_name or {}).get(f.name) or _FIELD_TYPES.get(f.name) or _scalar(hints[f.name])
             group.add_argument(flag(f.name), type=parse, **options)

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pyro
@@ -92,14 +92,24 @@ STARTS = ("guide", "prior")
 class AnnealingSettings:
     """The schedule and the HMC transitions of annealed importance sampling (checked when made)."""
 
-    num_chains: int = 16
-    num_steps: int = 500  # T: intermediate distributions, the HMC transitions are T - 1
-    schedule: Literal["sigmoid", "geometric", "linear"] = "sigmoid"
-    start: Literal["guide", "prior"] = "guide"  # f_0: the guide q(z | x), or the prior p(z)
-    leapfrog_steps: int = 10
-    step_size: float = 0.05  # the pilot's first step size (and every step's, with pilot_chains=0)
-    target_accept: float = 0.65  # Neal (2011): 0.65 is near optimal for HMC
-    pilot_chains: int = 4  # chains of the step-size pilot run; 0: no adaptation
+    # Each field's metadata["help"] is the line ``pyro-vae evaluate --help`` shows for its flag.
+    num_chains: int = field(default=16, metadata={"help": "AIS chains per datum"})
+    # T: intermediate distributions, the HMC transitions are T - 1.
+    num_steps: int = field(default=500, metadata={"help": "annealing steps T (intermediate distributions)"})
+    schedule: Literal["sigmoid", "geometric", "linear"] = field(
+        default="sigmoid", metadata={"help": "spacing of the inverse temperatures"}
+    )
+    start: Literal["guide", "prior"] = field(
+        default="guide", metadata={"help": "the start of the path: q(z|x) or p(z)"}
+    )
+    leapfrog_steps: int = field(default=10, metadata={"help": "leapfrog steps per HMC transition"})
+    # The pilot's first step size (and every step's, with pilot_chains=0).
+    step_size: float = field(default=0.05, metadata={"help": "the first HMC step size"})
+    # Neal (2011): 0.65 is near optimal for HMC.
+    target_accept: float = field(default=0.65, metadata={"help": "acceptance the step size adapts to"})
+    pilot_chains: int = field(
+        default=4, metadata={"help": "chains of the step-size pilot run (0: no adaptation)"}
+    )
 
     def __post_init__(self) -> None:
         for name in ("num_chains", "num_steps", "leapfrog_steps"):
