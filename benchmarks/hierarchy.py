@@ -20,11 +20,20 @@ Arms (two layers ``100,50``, tanh, x <-> z1 200,200 unless the arm says):
 - ``warmup``: widths + KL warm-up over the first ``--warmup`` epochs (Sønderby et al., 2016);
 - ``output-bias``: widths + the decoder's output bias at logit(mean training pixel);
 - ``default``: what ``ModelConfig`` builds now with ``--latent-dims`` (residual-glorot), plus the output bias;
-- ``ladder-L``: L = 3..5 layers (100,50,25,12,6 truncated), ladder inference, the new defaults;
-- ``ladder-L-warmup``: the same with KL warm-up over the first ``--warmup`` epochs;
-- ``ladder-L-plain``: the same with the plain top-down mean and torch's init.
+- ``default-warmup``, ``default-free-bits``: ``default`` with KL warm-up over ``--warmup`` epochs, or with
+  free bits of ``--free-bits`` nats per layer (Kingma et al., 2016);
+- ``one-layer-bias-warmup``, ``one-layer-bias-free-bits``: the one-layer model given the same trick;
+- ``ladder-L``: L = 2..5 layers (100,50,25,12,6 truncated), ladder inference, the new defaults;
+- ``ladder-L-warmup``, ``ladder-L-free-bits``: the same with KL warm-up over the first ``--warmup`` epochs,
+  or with free bits;
+- ``ladder-L-plain``: the same with the plain top-down mean and torch's init;
+- ``ARM+warmup``, ``ARM+fb``, ``ARM+lr``: any arm with KL warm-up over ``--warmup`` epochs, free bits
+  of ``--free-bits`` nats per layer (Kingma et al., 2016), or Adam's rate 3e-3, in any combination;
+  ``ARM+warmup5+fb0.5+lr2e-3`` gives the values.
 
     OMP_NUM_THREADS=1 python benchmarks/hierarchy.py --data-dir ../shared/datasets --epochs 5 --arms legacy,widths
+    OMP_NUM_THREADS=1 python benchmarks/hierarchy.py --data-dir ../shared/datasets --epochs 20 --warmup 2 \
+        --free-bits 2 --arms one-layer-bias-warmup,ladder-2-warmup,ladder-5-warmup+fb
     python benchmarks/hierarchy.py --smoke-test
 """
 
@@ -57,20 +66,67 @@ ARMS: dict[str, tuple[dict, dict, bool]] = {
     "warmup": (_OLD, {"warmup_epochs": None}, False),
     "output-bias": (_OLD, {}, True),
     "default": ({}, {}, True),
-    **{f"ladder-{n}": ({"latent_dims": LADDER_DIMS[:n], "inference": "ladder"}, {}, True) for n in (3, 4, 5)},
+    "default-warmup": ({}, {"warmup_epochs": None}, True),
+    "one-layer-bias-warmup": ({"latent_dims": (50,)}, {"warmup_epochs": None}, True),
+    "default-free-bits": ({}, {"free_bits": None}, True),
+    "one-layer-bias-free-bits": ({"latent_dims": (50,)}, {"free_bits": None}, True),
+    **{
+        f"ladder-{n}": ({"latent_dims": LADDER_DIMS[:n], "inference": "ladder"}, {}, True)
+        for n in (2, 3, 4, 5)
+    },
     **{
         f"ladder-{n}-warmup": (
             {"latent_dims": LADDER_DIMS[:n], "inference": "ladder"},
             {"warmup_epochs": None},
             True,
         )
-        for n in (3, 5)
+        for n in (2, 3, 5)
+    },
+    **{
+        f"ladder-{n}-free-bits": (
+            {"latent_dims": LADDER_DIMS[:n], "inference": "ladder"},
+            {"free_bits": None},
+            True,
+        )
+        for n in (2, 5)
     },
     **{
         f"ladder-{n}-plain": ({"latent_dims": LADDER_DIMS[:n], "inference": "ladder", **_OLD}, {}, True)
         for n in (3, 5)
     },
 }
+
+
+# Training options added to any arm by a suffix: ``default+warmup+fb`` is ``default`` with both;
+# ``warmup5``, ``fb0.5``, ``lr3e-3`` give the value instead of --warmup / --free-bits / 3e-3.
+MODIFIERS: dict[str, tuple[str, type, object]] = {
+    "warmup": ("warmup_epochs", int, None),
+    "fb": ("free_bits", float, None),
+    "lr": ("lr", float, 3e-3),
+}
+
+
+def _modifier(text: str) -> tuple[str, object]:
+    for prefix, (field, kind, default) in MODIFIERS.items():
+        if text.startswith(prefix):
+            value = text[len(prefix) :]
+            return field, (kind(value) if value else default)
+    raise ValueError(text)
+
+
+def _known(name: str) -> bool:
+    base, *modifiers = name.split("+")
+    try:
+        [_modifier(m) for m in modifiers]
+    except ValueError:
+        return False
+    return base in ARMS
+
+
+def _arm(name: str) -> tuple[dict, dict, bool]:
+    base, *modifiers = name.split("+")
+    fields, options, output_bias = ARMS[base]
+    return fields, {**options, **dict(_modifier(m) for m in modifiers)}, output_bias
 
 
 @torch.no_grad()
@@ -94,31 +150,32 @@ def unit_kl(vae: torch.nn.Module, x: torch.Tensor, *, num_samples: int) -> dict[
 
 
 def run_arm(name: str, args: argparse.Namespace, dataset, train, test, device) -> dict:  # type: ignore[no-untyped-def]
-    fields, options, output_bias = ARMS[name]
+    fields, options, output_bias = _arm(name)
     config_fields = {
         "latent_dims": args.latent_dims,
         "hidden_dims": args.hidden_dims,
         "activation": "tanh",
         **fields,
     }
-    options = {k: (args.warmup if v is None else v) for k, v in options.items()}
+    defaults = {"warmup_epochs": args.warmup, "free_bits": args.free_bits}
+    options = {k: (defaults[k] if v is None else v) for k, v in options.items()}
     pyro.set_rng_seed(args.seed)
     config = ModelConfig(data_dim=dataset.input_dim, image_shape=dataset.image_shape, **config_fields)
     vae = build_vae(config)
     if output_bias:
         init_output_bias(vae, train)
+    fit_options = {"lr": 1e-3, **options}
     start = time.perf_counter()
     fit(
         vae,
         train,
         epochs=args.epochs,
         batch_size=100,
-        lr=1e-3,
         seed=args.seed,
         device=device,
         dynamic_binarization=True,
         progress=False,
-        **options,
+        **fit_options,
     )
     seconds = time.perf_counter() - start
     pyro.set_rng_seed(args.seed)
@@ -135,7 +192,7 @@ def run_arm(name: str, args: argparse.Namespace, dataset, train, test, device) -
     result = {
         "arm": name,
         "config": config.to_dict(),
-        "fit": options,
+        "fit": {key: value for key, value in fit_options.items() if value is not None},
         "output_bias": output_bias,
         "epochs": args.epochs,
         "train_images": len(train),
@@ -171,7 +228,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     train = prepare_split(dataset, "train", mode="dynamic")[: args.train_limit]
     test = prepare_split(dataset, "test", mode="dynamic")[: args.eval_limit]
     arms = args.arms.split(",")
-    unknown = [a for a in arms if a not in ARMS]
+    unknown = [a for a in arms if not _known(a)]
     if unknown:
         raise SystemExit(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     return [run_arm(name, args, dataset, train.to(device), test.to(device), device) for name in arms]
@@ -185,6 +242,9 @@ if __name__ == "__main__":
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="warm-up epochs of the warmup arm")
+    parser.add_argument(
+        "--free-bits", type=float, default=1.0, help="nats per latent layer of the free-bits arms"
+    )
     parser.add_argument("--train-limit", type=int, default=None, help="train on the first N images only")
     parser.add_argument("--eval-samples", type=int, default=1000)
     parser.add_argument("--eval-limit", type=int, default=1000)

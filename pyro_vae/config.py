@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .errors import PyroVAEError
 
@@ -20,6 +20,7 @@ __all__ = [
     "DEVICES",
     "INFERENCE",
     "LAYER_INITS",
+    "LR_SCHEDULES",
     "TOP_DOWN",
     "DataConfig",
     "ModelConfig",
@@ -32,6 +33,8 @@ INFERENCE = ("bottom-up", "ladder")
 TOP_DOWN = ("plain", "residual")
 LAYER_INITS = ("torch", "glorot")
 DEVICES = ("auto", "cpu", "cuda")
+# TrainConfig.lr_schedule (the rates themselves: training.schedules).
+LR_SCHEDULES = ("constant", "burda", "step", "cosine")
 
 
 def _positive_int(owner: str, name: str, value: object) -> None:
@@ -184,6 +187,13 @@ class TrainConfig:
     beta: float = _option(1.0, "weight of the KL term (beta-VAE)")
     # Epochs over which the KL weight rises linearly from 0 to beta (Sønderby et al., 2016).
     warmup_epochs: int = _option(0, "epochs to ramp the KL weight 0 -> beta")
+    # Free bits (Kingma et al., 2016): each latent layer's KL term is max(free_bits, KL_l), KL_l in nats per
+    # datum averaged over the minibatch (objectives.FreeBits_ELBO); None: the plain ELBO.
+    free_bits: float | None = _option(
+        None,
+        "nats per latent layer below which its KL is not penalized (free bits; with --loss elbo)",
+        metavar="NATS",
+    )
     # Largest norm of the gradient of all parameters together; None: no clipping.
     clip_norm: float | None = _option(None, "clip the gradient's global norm to this")
     seed: int = _option(
@@ -206,9 +216,27 @@ class TrainConfig:
         "the result of S processes of --distributed (there the default is the number of processes)",
         metavar="S",
     )
+    # The learning rate over the epochs (training.schedules): constant; burda, Burda et al.'s (2016) 8 stages
+    # of 3^i epochs at lr * 10^(-i/7), i = 0..7 (3,280 epochs in all); step, lr * lr_gamma^floor((e-1) /
+    # lr_step_epochs); cosine, from lr down to lr_min over the epochs (Loshchilov & Hutter, 2017).
+    lr_schedule: Literal["constant", "burda", "step", "cosine"] = _option(
+        "constant",
+        "the learning rate over the epochs: constant; burda (stage i = 0..7 lasts 3^i epochs at lr * "
+        "10^(-i/7)); step (times --lr-gamma every --lr-step-epochs); cosine (lr down to --lr-min)",
+    )
+    lr_step_epochs: int | None = _option(None, "with --lr-schedule step: epochs between two decays")
+    lr_gamma: float = _option(0.1, "with --lr-schedule step: the factor of each decay")
+    lr_min: float = _option(0.0, "with --lr-schedule cosine: the rate the cosine falls to")
+    # Score the validation split every eval_every epochs (and after the last) and keep the best weights in
+    # best.pt beside the checkpoint; None: no validation during training.
+    eval_every: int | None = _option(
+        None, "score the validation split every N epochs (and after the last), keeping the best in best.pt"
+    )
+    # K of the validation score: 1 is the ELBO, K > 1 the importance-weighted bound IWAE_K <= log p(x).
+    valid_samples: int = _option(1, "K of the validation score: 1 the ELBO, K > 1 the IWAE_K bound")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "num_particles"):
+        for name in ("epochs", "batch_size", "num_particles", "valid_samples"):
             _positive_int("TrainConfig", name, getattr(self, name))
         if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta >= 0):
             raise PyroVAEError(f"TrainConfig.beta must be a non-negative number, got {self.beta!r}")
@@ -226,6 +254,20 @@ class TrainConfig:
             raise PyroVAEError(
                 f"TrainConfig.clip_norm must be a positive number or None, got {self.clip_norm!r}"
             )
+        if self.free_bits is not None:
+            if isinstance(self.free_bits, bool) or not (
+                isinstance(self.free_bits, int | float)
+                and math.isfinite(self.free_bits)
+                and self.free_bits >= 0
+            ):
+                raise PyroVAEError(
+                    f"TrainConfig.free_bits must be a non-negative number of nats or None, got {self.free_bits!r}"
+                )
+            if self.loss != "elbo":
+                raise PyroVAEError(
+                    f"free bits clamp each latent layer's KL term of the ELBO; the {self.loss!r} objective has no "
+                    "per-layer KL term to clamp; use --loss elbo with --free-bits, or drop --free-bits"
+                )
         if self.loss == "iwae" and (self.beta != 1 or self.warmup_epochs):
             raise PyroVAEError(
                 "beta and warm-up weight the KL term of the ELBO, which the iwae bound does not have; "
@@ -258,6 +300,49 @@ class TrainConfig:
             raise PyroVAEError(
                 f"TrainConfig.device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}"
             )
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """Refuse a learning-rate schedule or validation setting that is unknown or would do nothing."""
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise PyroVAEError(
+                f"TrainConfig.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if self.lr_schedule == "step":
+            if self.lr_step_epochs is None:
+                raise PyroVAEError(
+                    "the step schedule needs --lr-step-epochs N, the epochs between two decays of the rate"
+                )
+            _positive_int("TrainConfig", "lr_step_epochs", self.lr_step_epochs)
+        elif self.lr_step_epochs is not None:
+            raise PyroVAEError(
+                f"--lr-step-epochs is an option of --lr-schedule step, and the schedule is {self.lr_schedule}; "
+                "drop it or pass --lr-schedule step"
+            )
+        if isinstance(self.lr_gamma, bool) or not (
+            isinstance(self.lr_gamma, int | float) and 0 < self.lr_gamma <= 1
+        ):
+            raise PyroVAEError(f"TrainConfig.lr_gamma must be a number in (0, 1], got {self.lr_gamma!r}")
+        if isinstance(self.lr_min, bool) or not (
+            isinstance(self.lr_min, int | float) and 0 <= self.lr_min < self.lr
+        ):
+            raise PyroVAEError(
+                f"TrainConfig.lr_min must be a number from 0 up to (not including) lr {self.lr}, got "
+                f"{self.lr_min!r}"
+            )
+        if self.lr_schedule != "step" and self.lr_gamma != 0.1:
+            raise PyroVAEError("--lr-gamma is an option of --lr-schedule step; drop it or pass that schedule")
+        if self.lr_schedule != "cosine" and self.lr_min != 0:
+            raise PyroVAEError("--lr-min is an option of --lr-schedule cosine; drop it or pass that schedule")
+        if self.lr_schedule != "constant" and not self.fused_adam:
+            # Pyro's per-parameter Adam restores each parameter's saved rate when that parameter is first
+            # stepped after a resume, after any rate set before the step: the schedule could not hold there.
+            raise PyroVAEError(
+                "a learning-rate schedule sets the rate of the fused Adam; Pyro's per-parameter Adam "
+                "(--no-fused-adam) would bring back a resumed run's old rates, so drop --no-fused-adam"
+            )
+        if self.eval_every is not None:
+            _positive_int("TrainConfig", "eval_every", self.eval_every)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -278,17 +363,33 @@ class DataConfig:
     # A user's data file: the SHA-256 of its bytes when the run was trained (None: a registered data set, or
     # a run from before hashes were kept), so a changed file is refused rather than scored.
     sha256: str | None = None
+    # The validation points held out of the training split (io.data.hold_out): a count, a fraction in (0, 1),
+    # or None (none held out; a data set with its own valid split, binarized-mnist, keeps that one).
+    validation: int | float | None = None
 
     def __post_init__(self) -> None:
         if self.binarize not in BINARIZE_MODES:
             raise PyroVAEError(
                 f"DataConfig.binarize must be one of {', '.join(BINARIZE_MODES)}, got {self.binarize!r}"
             )
+        size = self.validation
+        if size is not None and (
+            isinstance(size, bool)
+            or not isinstance(size, int | float)
+            or (isinstance(size, int) and size < 1)
+            or (isinstance(size, float) and not 0 < size < 1)
+        ):
+            raise PyroVAEError(
+                f"DataConfig.validation must be a number of points (1 or more) or a fraction in (0, 1), "
+                f"got {size!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         if data["sha256"] is None:  # a registered data set: its entry as it always was
             del data["sha256"]
+        if data["validation"] is None:  # nothing held out: the entry as it always was
+            del data["validation"]
         return data
 
     @classmethod

@@ -55,13 +55,14 @@ from ._typing import VAEModel
 from .errors import PyroVAEError
 from .files import replace_atomic
 from .inference.importance import evaluate_bounds
-from .io.run import Run
+from .io.run import Run, read_evaluation
 from .models import abilities
 from .models.abilities import AbilityMissing
 from .resources import check_fits
 
 __all__ = [
     "PLOT_FILES",
+    "plot_components",
     "plot_elbo_curves",
     "plot_interpolation",
     "plot_khat",
@@ -86,6 +87,7 @@ PLOT_FILES = {
     "traversals": "traversals.png",
     "interpolation": "interpolation.png",
     "khat": "khat.png",
+    "components": "components.png",
 }
 _IMAGE_FIGURES = ("reconstructions", "samples", "manifold", "traversals", "interpolation")
 
@@ -93,6 +95,7 @@ _DPI = 130
 _ROW_LENGTH = 16  # reconstructions: data/reconstruction row pairs of at most this many images
 _MAX_TRAVERSED_DIMS = 10  # traversals of a wider latent show its most active dimensions only
 _MIN_KHAT_SAMPLES = 20  # below this PSIS fits no tail (evaluation.py leaves k̂ NaN)
+_DEFAULT_KHAT_SAMPLES = 500  # K of a k̂ picture of a run without an evaluation of its own
 
 
 # ---------------------------------------------------------------------------
@@ -639,26 +642,48 @@ def plot_interpolation(
     return _save(fig, path)
 
 
-def plot_khat(run: Run, path: PathLike, *, num_samples: int = 500, limit: int = 500, seed: int = 0) -> Path:
-    """PSIS k̂ of the importance weights p(x, z) / q(z | x) of each of the first ``limit`` test points.
+def plot_khat(
+    run: Run, path: PathLike, *, num_samples: int | None = None, limit: int = 500, seed: int = 0
+) -> Path:
+    """PSIS k̂ of the importance weights p(x, z) / q(z | x) of each test point, as the run's evaluation found it.
+
+    With ``num_samples`` None the k̂ are those of the run's own evaluation (``evaluation.json``, written by
+    ``pyro-vae train``: its K and its points), so the picture and the printed k̂ line agree. A run without
+    one, or a ``num_samples`` given, gets k̂ computed here with that K (default 500) on the first ``limit``
+    test points; the title says which, with K and the number of points.
 
     k̂ < 0.5: log p̂(x) converges quickly; 0.5-0.7: slowly; > 0.7: the
     weights' tail is too heavy for K samples to give a trustworthy estimate
     (Vehtari et al., 2024). Drawn as ArviZ draws k̂ (``arviz.plot_khat``); infinite k̂ are
     counted above 0.7 but not drawn. Works for data that are not images.
     """
-    if num_samples < _MIN_KHAT_SAMPLES:
+    if num_samples is not None and num_samples < _MIN_KHAT_SAMPLES:
         raise PyroVAEError(
             f"num_samples must be at least {_MIN_KHAT_SAMPLES} for PSIS to fit a tail, got {num_samples}"
         )
     if limit < 1:
         raise PyroVAEError(f"limit must be a positive integer, got {limit}")
-    x = _split(run, "test")[0][:limit].to(_device(run.vae))
-    device = _device(run.vae)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        bounds = evaluate_bounds(run.vae.model, run.vae.guide, x, num_samples=num_samples, progress=False)
-    khat = bounds.khat.numpy()
+    stored = _stored_khat(run) if num_samples is None else None
+    x_test = _split(run, "test")[0]
+    if stored is not None:
+        index, khat, k = stored
+        source = "the run's evaluation (evaluation.json)"
+        which = (
+            f"all {len(khat)} test points"
+            if len(khat) == len(x_test)
+            else f"{len(khat)} of the {len(x_test)} test points, drawn at random"
+        )
+    else:
+        k = _DEFAULT_KHAT_SAMPLES if num_samples is None else num_samples
+        x = x_test[:limit].to(_device(run.vae))
+        device = _device(run.vae)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            bounds = evaluate_bounds(run.vae.model, run.vae.guide, x, num_samples=k, progress=False)
+        khat = bounds.khat.numpy()
+        index = np.arange(len(khat))
+        source = "computed for this picture"  # the run has no evaluation of its own, or K was given
+        which = f"the first {len(khat)} of {len(x_test)} test points"
     known = khat[~np.isnan(khat)]
     above = float((known > 0.7).mean()) if len(known) else float("nan")
     finite = np.isfinite(khat)
@@ -667,22 +692,46 @@ def plot_khat(run: Run, path: PathLike, *, num_samples: int = 500, limit: int = 
     # ArviZ's k̂ scatter, drawn here: ArviZ 1.x's plot_khat takes only the ELPDData of its loo, on its own figure.
     drawn = khat[finite]
     colours = np.where(drawn > 0.7, "C3", np.where(drawn > 0.5, "C1", "C0"))
-    ax.scatter(np.flatnonzero(finite), drawn, c=colours, marker="+", s=20, linewidths=1)
+    ax.scatter(index[finite], drawn, c=colours, marker="+", s=20, linewidths=1)
     ax.axhline(0.5, color="C1", linestyle="--", linewidth=1, label="k̂ = 0.5: slower convergence above")
     ax.axhline(0.7, color="C3", linestyle="--", linewidth=1, label="k̂ = 0.7: unreliable above")
-    ax.set_xlabel(f"test data point (index; the first {len(khat)})")
+    ax.set_xlabel("test data point (index in the test split)")
     ax.set_ylabel("Pareto k̂ of the importance weights")
     infinite = int((~finite & ~np.isnan(khat)).sum())
     not_drawn = f", {infinite} infinite not drawn" if infinite else ""
+    maximum = f"max {np.nanmax(khat):.2f}" if len(known) else "none estimated"
     _set_title(
         ax,
-        f"PSIS k̂ of the importance weights p(x, z) / q(z | x), K = {num_samples} per point",
-        f"{100 * above:.1f}% of {len(khat)} points above 0.7 (max {np.nanmax(khat):.2f}{not_drawn}); "
-        f"{_run_name(run)}",
+        f"PSIS k̂ of the importance weights p(x, z) / q(z | x), K = {k} per point",
+        f"{source}: {which}; {100 * above:.1f}% above 0.7 ({maximum}{not_drawn})",
+        _run_name(run),
         fontsize=11,
     )
     fig.legend(loc="outside lower center", ncols=2, frameon=False)
     return _save(fig, path)
+
+
+def _stored_khat(run: Run) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(test indices, k̂, K) of the run's evaluation.json, or None when it holds no per-point k̂ to draw.
+
+    None also for an evaluation with too few samples for any k̂ (all NaN): the picture then computes its own.
+    """
+    summary = read_evaluation(run.path)
+    per_datum = (summary or {}).get("per_datum") or {}
+    khat, index = per_datum.get("khat"), per_datum.get("index")
+    if summary is None or khat is None or index is None or summary.get("split", "test") != "test":
+        return None
+    # JSON's null for a k̂ that could not be estimated: NaN, as the evaluator leaves it.
+    values = np.array([math.nan if v is None else v for v in khat], dtype=np.float64)
+    points = np.asarray(index, dtype=np.int64)
+    if len(values) != len(points) or len(values) != summary.get("num_data"):
+        raise PyroVAEError(
+            f"{Path(run.path) / 'evaluation.json'} has {len(values)} k̂ for {len(points)} test indices and "
+            f"num_data {summary.get('num_data')}: it is damaged; delete it or train again"
+        )
+    if np.isnan(values).all():  # K below 21 fits no tail: nothing stored to draw, so k̂ is computed here
+        return None
+    return points, values, int(summary["num_samples"])
 
 
 def plot_run(
@@ -691,21 +740,23 @@ def plot_run(
     *,
     split: str = "test",
     seed: int = 0,
-    khat_samples: int = 500,
+    khat_samples: int | None = None,
     khat_limit: int = 500,
     log: Callable[[str], object] | None = print,
 ) -> list[Path]:
     """Every figure that applies to ``run``, written into ``out_dir`` under the names of :data:`PLOT_FILES`.
 
     Skipped, with one line to ``log`` each (``None`` for silence): the image
-    figures for data that are not images; k̂ when ``khat_samples`` is 0; and
+    figures for data that are not images; k̂ when ``khat_samples`` is 0 (None: the k̂ of the run's own
+    evaluation, see :func:`plot_khat`); and
     any figure that needs what the model cannot give (an
     :class:`~pyro_vae.models.abilities.AbilityMissing`, e.g. the manifold
     unless the top latent is 2-D). ``split`` is the split of the
     reconstructions and the latent space; traversals, interpolation and k̂
-    use the test split. Returns the paths written, in :data:`PLOT_FILES` order.
+    use the test split. ``components.png`` (:func:`plot_components`) needs a model with a discrete
+    component site (``component_probs``, a mixture VAE); the others skip it with a line. Returns the paths written, in :data:`PLOT_FILES` order.
     """
-    if khat_samples != 0 and khat_samples < _MIN_KHAT_SAMPLES:
+    if khat_samples is not None and khat_samples != 0 and khat_samples < _MIN_KHAT_SAMPLES:
         raise PyroVAEError(
             f"khat_samples must be 0 (skip) or at least {_MIN_KHAT_SAMPLES}, got {khat_samples}"
         )
@@ -727,6 +778,7 @@ def plot_run(
         "traversals": lambda p: plot_traversals(run, p),
         "interpolation": lambda p: plot_interpolation(run, p),
         "khat": lambda p: plot_khat(run, p, num_samples=khat_samples, limit=khat_limit, seed=seed),
+        "components": lambda p: plot_components(run, p, split=split, seed=seed),
     }
     written = []
     for name, file in PLOT_FILES.items():
@@ -737,3 +789,100 @@ def plot_run(
         except AbilityMissing as missing:
             note(f"skipped {file}: {missing}")
     return written
+
+
+def plot_components(
+    run: Run,
+    path: PathLike,
+    *,
+    split: str = "test",
+    max_points: int = 2000,
+    per_component: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Posterior means E_q[z | x] of ``split``, coloured by each point's most probable component argmax_c q(c | x).
+
+    For a model with a discrete component site (the ``component_probs(x)`` ability of
+    :class:`~pyro_vae.models.mixture.MixtureVAE`); raises
+    :class:`~pyro_vae.models.abilities.AbilityMissing` for one without. Projected as
+    :func:`plot_latent_space` projects (the first two principal components beyond two dimensions).
+    For image data and a model with ``sample_component(c, num)``, a second panel shows the means of
+    p(x | z) for ``per_component`` draws z ~ p(z | c), one row per component (seeded by ``seed``).
+    """
+    if max_points < 1:
+        raise PyroVAEError(f"max_points must be a positive integer, got {max_points}")
+    component_probs = getattr(run.vae, "component_probs", None)
+    if not callable(component_probs):
+        raise AbilityMissing(
+            "the model has no component_probs(x) ability: no discrete component to colour by"
+        )
+    x = _split(run, split)[0][:max_points]
+    z = _sites(run)[0]
+    means = _posterior_means(run, x)[z].double()  # [N, d]
+    with torch.no_grad():
+        probs = component_probs(x.to(_device(run.vae))).cpu()  # [N, C]
+    chosen, confidence = probs.argmax(-1).numpy(), probs.max(-1).values.numpy()
+    n, d = means.shape
+    if d >= 2:
+        centred = means - means.mean(0)
+        u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+        coords = means.numpy() if d == 2 else (u[:, :2] * s[:2]).numpy()
+        share = s.pow(2) / s.pow(2).sum()
+        xlabel, ylabel = (
+            (f"E[{z}[0] | x]", f"E[{z}[1] | x]")
+            if d == 2
+            else (f"PC1 ({100 * float(share[0]):.1f}%)", f"PC2 ({100 * float(share[1]):.1f}%)")
+        )
+    else:
+        coords = np.stack([means[:, 0].numpy(), chosen + 0.3 * (np.random.default_rng(0).random(n) - 0.5)], 1)
+        xlabel, ylabel = f"E[{z} | x]", "component (jittered)"
+    num = probs.shape[1]
+    sample_component = getattr(run.vae, "sample_component", None)
+    grid = run.image_shape is not None and callable(sample_component) and per_component > 0
+    fig = Figure(figsize=(13.0 if grid else 7.5, max(6.0, 0.5 * num + 1.0)), dpi=_DPI, layout="constrained")
+    panels = fig.add_gridspec(1, 2, width_ratios=(1.4, 1.0)) if grid else fig.add_gridspec(1, 1)
+    ax = fig.add_subplot(panels[0])
+    if grid:
+        with _seeded(run.vae, seed):
+            draws = torch.cat([sample_component(c, per_component) for c in range(num)])  # type: ignore[misc]
+        images = _as_images(_decode(run, {z: draws}), _image_shape(run))  # [C * per_component, ...]
+        grid_ax = fig.add_subplot(panels[1])
+        _draw_grid(grid_ax, images, nrow=per_component, row_labels=[str(c) for c in range(num)])
+        grid_ax.set_ylabel("component c")
+        _set_title(
+            grid_ax, f"Means of p(x | z) for z ~ p(z | c), {per_component} per component", f"seed {seed}"
+        )
+    palette = colormaps["tab10" if num <= 10 else "tab20"]
+    handles = []
+    for c in range(num):
+        mine = chosen == c
+        # Opacity follows q(c | x): a point the guide is unsure of is drawn faint. A component that no
+        # point prefers has no points (matplotlib refuses an empty array of opacities), only its legend entry.
+        if mine.any():
+            ax.scatter(
+                coords[mine, 0],
+                coords[mine, 1],
+                color=palette(c % palette.N),
+                s=8,
+                alpha=0.2 + 0.6 * confidence[mine],
+            )
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                color=palette(c % palette.N),
+                label=f"{c} ({int(mine.sum())})",
+            )
+        )
+    ax.legend(
+        handles=handles, title="argmax q(c | x)", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False
+    )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    _set_title(
+        ax, f"Posterior means E[{z} | x] of {n} {split} points by component", _run_name(run), fontsize=11
+    )
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

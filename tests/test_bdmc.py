@@ -23,8 +23,6 @@ from tests.test_evaluation_known_answer import GaussianChain, LinearGaussian
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-
-
 def test_simulated_data_follow_the_model():
     lg = LinearGaussian.random(2, 5, s=0.5)
     like = lg.sample_data(3)
@@ -101,3 +99,17 @@ def test_discrete_latent_is_refused():
 
     with pytest.raises(PyroVAEError, match="bidirectional Monte Carlo moves the latents"):
         bdmc(model, guide, torch.randn(4))
+
+
+def test_fast_path_gives_the_plain_paths_sandwich_for_the_same_seed():
+    lg = LinearGaussian.random(2, 5, s=0.5)
+    like = lg.sample_data(3)
+    settings = AnnealingSettings(num_steps=20, num_chains=3, leapfrog_steps=3)
+    results = []
+    for fast in (True, False):
+        pyro.set_rng_seed(2)
+        results.append(bdmc(lg.model, poor_guide, like, num_data=6, settings=settings, fast=fast))
+    fast, plain = results
+    assert torch.equal(fast.x, plain.x)
+    torch.testing.assert_close(fast.lower, plain.lower, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(fast.upper, plain.upper, rtol=1e-12, atol=1e-10)

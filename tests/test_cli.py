@@ -287,3 +287,199 @@ def test_plot_sample_and_export_commands(digits_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(digits_run), "--out", str(tmp_path / "y.nc"), "--indices", "100000"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------
+# What train and evaluate print, and the points the final evaluation scores
+
+
+def test_every_summary_line_fits_100_columns(digits_run, tmp_path, capsys):
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--epochs",
+                "1",
+                "--eval-samples",
+                "50",
+                "--eval-points",
+                "100",
+                "--out",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    assert main(["evaluate", str(out), "--num-samples", "30"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--method",
+                "gaps",
+                "--limit",
+                "3",
+                "--num-samples",
+                "30",
+                "--optimize-steps",
+                "3",
+                "--num-steps",
+                "5",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) > 15
+    too_long = [line for line in printed if len(line) > 100]
+    assert too_long == []
+
+
+def test_the_final_evaluation_scores_a_random_subset_and_says_so(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--epochs",
+                "1",
+                "--eval-samples",
+                "50",
+                "--eval-points",
+                "100",
+                "--out",
+                str(out),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "evaluated on 100 of 359 test points, drawn at random" in printed
+    assert "from the K samples" in printed and "--eval-points all" in printed
+    summary = json.loads((out / "evaluation.json").read_text())
+    index = summary["per_datum"]["index"]
+    assert summary["num_data"] == 100 and summary["num_split"] == 359 and summary["points"] == "random"
+    assert index == sorted(set(index)) and len(index) == 100 and index != list(range(100))
+    assert len(summary["per_datum"]["khat"]) == len(summary["per_datum"]["log_px"]) == 100
+    # The headline's mean is the mean of the stored per-point values.
+    assert summary["log_px"] == pytest.approx(np.mean(summary["per_datum"]["log_px"]))
+    assert summary["log_px_points_stderr"] > 0
+
+
+def test_evaluation_points_all_of_a_small_test_set_and_a_seeded_draw_of_a_large_one():
+    from pyro_vae.cli.train import evaluation_points
+
+    assert evaluation_points(359, 1000, seed=0) is None  # the digits: every point, no draw
+    assert evaluation_points(10_000, None, seed=0) is None  # --eval-points all
+    before = torch.random.get_rng_state()
+    drawn = evaluation_points(10_000, 1000, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before)  # training's stream is not moved
+    assert torch.equal(drawn, evaluation_points(10_000, 1000, seed=3))
+    assert not torch.equal(drawn, evaluation_points(10_000, 1000, seed=4))
+    assert len(drawn.unique()) == 1000 and bool((drawn[1:] > drawn[:-1]).all())
+
+
+def test_the_points_stderr_is_the_finite_population_formula():
+    """sqrt((1 - n/N) s² / n) by hand for 4 of 10 points with log p̂ = 1, 2, 3, 6 (s² = 14/3)."""
+    from pyro_vae.cli.train import points_summary
+
+    summary = {"num_data": 4, "per_datum": {"log_px": [1.0, 2.0, 3.0, 6.0], "khat": [0.1] * 4}}
+    out = points_summary(summary, torch.tensor([0, 2, 5, 9]), num_test=10)
+    assert out["log_px_points_stderr"] == pytest.approx(np.sqrt(0.6 * (14 / 3) / 4))
+    assert out["per_datum"]["index"] == [0, 2, 5, 9]
+    every = points_summary(summary | {"num_data": 4}, None, num_test=4)
+    assert every["log_px_points_stderr"] == 0.0 and every["points"] == "all"
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "some", "1.5"])
+def test_eval_points_refuses_what_is_not_a_count(text, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--eval-points", text])
+    assert stop.value.code == 2 and "positive whole number or all" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# --config FILE
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_toml_config_gives_the_defaults_and_flags_override_it(tmp_path, capsys):
+    """One file for two commands: each reads its own table (and would read keys outside any table)."""
+    config = _write(
+        tmp_path / "c.toml",
+        "[train]\nepochs = 5\nlatent-dims = [3]\nhidden_dims = [16]\nbatch-size = 64\njit = false\n"
+        "eval-samples = 0\n[evaluate]\nnum-samples = 40\n",
+    )
+    out = tmp_path / "run"
+    assert main(["train", "--config", config, "--epochs", "2", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["train"]["batch_size"] == 64  # the flag won, the file gave
+    assert saved["model"]["options"]["latent_dims"] == [3] and saved["model"]["options"]["hidden_dims"] == [
+        16
+    ]
+    assert not (out / "evaluation.json").exists()  # eval-samples 0 from the [train] table
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--config", config]) == 0  # the [evaluate] table's K
+    assert "K = 40 importance samples each" in capsys.readouterr().out
+
+
+def test_a_json_config_with_a_repeatable_option_and_a_switch(tmp_path):
+    from pyro_vae.cli.main import parser
+    from pyro_vae.cli.options import config_file_defaults
+
+    train = next(
+        a for a in parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict)
+    ).choices["train"]
+    config = _write(
+        tmp_path / "c.json",
+        json.dumps(
+            {
+                "guide-option": {"rank": 2},
+                "jit": True,
+                "fused-adam": False,
+                "layer-hidden-dims": [[8], [4]],
+            }
+        ),
+    )
+    defaults = config_file_defaults(config, train, command="train")
+    assert defaults == {
+        "guide_option": [("rank", 2)],
+        "jit": True,
+        "fused_adam": False,
+        "layer_hidden_dims": ((8,), (4,)),
+    }
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"epoch": 3}', "pyro-vae train has no option 'epoch'; its options are"),
+        ('{"epochs": "many"}', "epochs: invalid literal"),
+        ('{"prior": "nope"}', "prior: "),
+        ('{"binarize": "sometimes"}', "binarize: must be one of auto"),
+        ('{"jit": 1}', "jit: must be true or false"),
+        ('{"epochs": 3', "is not valid JSON"),
+        ("[1, 2]", "must hold one object"),
+    ],
+)
+def test_a_bad_config_is_refused_in_one_line_and_writes_nothing(text, message, tmp_path, capsys):
+    config = _write(tmp_path / "c.json", text)
+    assert main(["train", "--config", config, "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1 and not (tmp_path / "run").exists(), error
+    if "no option" in message:
+        assert "epochs" in error and "batch-size" in error  # the known keys are named
+
+
+def test_a_missing_config_file_is_one_line(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nowhere.toml")]) == 2
+    assert "nowhere.toml" in capsys.readouterr().err

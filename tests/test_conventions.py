@@ -100,3 +100,39 @@ def test_sample_draws_real_samples_and_names_the_run_and_seed(tmp_path):
         assert done.stdout.strip() == f"wrote {tmp_path / name}"
     # Draws of a Bernoulli likelihood are binary images; means are grey: the two pictures differ.
     assert (tmp_path / "means.png").read_bytes() != (tmp_path / "draws.png").read_bytes()
+
+
+def test_long_lines_are_wrapped_to_100_columns_and_words_kept_whole():
+    from pyro_vae.cli.printing import fit_columns
+
+    line = "warning: k-hat > 0.7 for 23 of 359 data points: " + "their estimates are unreliable; " * 6
+    wrapped = fit_columns(line + "\nshort").splitlines()
+    assert all(len(part) <= 100 for part in wrapped) and len(wrapped) >= 3
+    assert wrapped[-1] == "short" and all(part.startswith("    ") for part in wrapped[1:-1])
+    assert " ".join(part.strip() for part in wrapped[:-1]) == " ".join(line.split())
+    path = "run saved to /" + "x" * 120  # a path longer than a line stays whole
+    assert fit_columns(path).splitlines()[-1].strip() == "/" + "x" * 120
+
+
+def test_piped_evaluation_chunks_say_the_time_left(tmp_path):
+    assert _train(tmp_path).returncode == 0
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyro_vae",
+            "evaluate",
+            str(tmp_path / "R"),
+            "--num-samples",
+            "1000",
+            "--limit",
+            "150",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    chunks = [line for line in evaluated.stderr.splitlines() if "data points done" in line]
+    assert len(chunks) >= 2, evaluated.stderr  # 65 points of K = 1000 a pass
+    assert all(" s left)" in line for line in chunks[:-1])
+    assert chunks[-1].startswith("log p(x), K = 1000: 150 of 150") and "left" not in chunks[-1]

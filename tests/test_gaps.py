@@ -127,3 +127,19 @@ def test_non_normal_family_is_refused():
 def test_bad_settings_are_refused(options, message):
     with pytest.raises(PyroVAEError, match=message):
         GapSettings(**options)
+
+
+def test_a_given_log_px_is_used_as_it_is_and_a_wrong_one_refused():
+    lg = diagonal_posterior_model()
+    x = lg.sample_data(5)
+    truth = lg.exact_log_px(x)
+    settings = GapSettings(optimize_steps=20, elbo_samples=50)
+    result = gaps(lg.model, lg.wrong_guide, x, settings=settings, log_px=truth)
+    assert result.log_px_method == "given"
+    torch.testing.assert_close(result.log_px, truth, rtol=0, atol=0)
+    torch.testing.assert_close(result.approximation_gap, truth - result.elbo_optimized, rtol=0, atol=0)
+    for wrong in (truth[:4], torch.full_like(truth, float("nan")), truth.tolist()):
+        with pytest.raises(
+            PyroVAEError, match="log_px must be a finite tensor of one estimate per data point"
+        ):
+            gaps(lg.model, lg.wrong_guide, x, settings=settings, log_px=wrong)

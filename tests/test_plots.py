@@ -60,8 +60,9 @@ def figures(runs, tmp_path_factory):
 @pytest.mark.parametrize("name", ["flat", "hierarchical"])
 def test_plot_run_writes_every_figure(figures, name):
     paths, notes = figures[name]
-    assert [p.name for p in paths] == list(PLOT_FILES.values())
-    assert notes == []
+    # Every figure but the mixture models' components.png, which a model without a component skips.
+    assert [p.name for p in paths] == [f for key, f in PLOT_FILES.items() if key != "components"]
+    assert len(notes) == 1 and notes[0].startswith("skipped components.png: the model has no component_probs")
     for path in paths:
         read_png(path)
 
@@ -108,7 +109,11 @@ def test_manifold_needs_a_2d_latent(runs, tmp_path):
         plot_manifold(wide, tmp_path / "m.png")
     notes: list[str] = []
     paths = plot_run(wide, tmp_path / "all", log=notes.append, khat_samples=0)
-    assert {p.name for p in paths} == set(PLOT_FILES.values()) - {"manifold.png", "khat.png"}
+    assert {p.name for p in paths} == set(PLOT_FILES.values()) - {
+        "manifold.png",
+        "khat.png",
+        "components.png",
+    }
     assert any("manifold.png" in note for note in notes) and any("khat.png" in note for note in notes)
     # A 3-D latent is drawn by PCA in the latent-space figure.
     read_png(plot_latent_space(wide, tmp_path / "pca.png", max_points=50))
@@ -132,9 +137,53 @@ def test_data_that_are_not_images(runs, tmp_path):
     notes: list[str] = []
     paths = plot_run(flat, tmp_path / "all", log=notes.append, **KHAT)
     assert [p.name for p in paths] == ["elbo.png", "latent_space.png", "khat.png"]
-    assert len(notes) == 1 and "not images" in notes[0]
+    assert len(notes) == 2 and "not images" in notes[0] and notes[1].startswith("skipped components.png")
 
 
 def test_khat_rejects_too_few_samples(runs, tmp_path):
     with pytest.raises(ValueError, match="at least 20"):
         plot_khat(runs["flat"], tmp_path / "k.png", num_samples=10)
+
+
+def test_khat_picture_shows_the_runs_own_evaluation(runs, tmp_path, monkeypatch):
+    """Without a K of its own, khat.png draws the k̂ that train stored: nothing is evaluated again."""
+    import pyro_vae.plots as plots
+    from pyro_vae.io.run import read_evaluation
+
+    run = runs["flat"]
+    stored = read_evaluation(run.path)["per_datum"]
+    assert len(stored["khat"]) == len(stored["index"]) == 359  # TINY evaluates every digits test point
+
+    def evaluate_bounds(*args, **kwargs):
+        raise AssertionError("the picture evaluated the model again instead of reading evaluation.json")
+
+    monkeypatch.setattr(plots, "evaluate_bounds", evaluate_bounds)
+    read_png(plot_khat(run, tmp_path / "k.png"))
+    # Given a K, the picture computes its own (and must then call the evaluator).
+    with pytest.raises(AssertionError, match="evaluated the model again"):
+        plot_khat(run, tmp_path / "own.png", num_samples=30)
+
+
+def test_khat_picture_computes_its_own_without_an_evaluation(runs, tmp_path):
+    run = runs["flat"]
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("config.json", "model.pt", "metrics.csv"):
+        (copy / name).write_bytes((Path(run.path) / name).read_bytes())
+    read_png(plot_khat(load_run(copy), tmp_path / "k.png", limit=40))
+
+
+def test_a_damaged_evaluation_is_refused_not_drawn(runs, tmp_path):
+    import json
+
+    run = runs["flat"]
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("config.json", "model.pt", "metrics.csv", "evaluation.json"):
+        (copy / name).write_bytes((Path(run.path) / name).read_bytes())
+    summary = json.loads((copy / "evaluation.json").read_text())
+    summary["per_datum"]["khat"] = summary["per_datum"]["khat"][:-1]
+    (copy / "evaluation.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="damaged"):
+        plot_khat(load_run(copy), tmp_path / "k.png")
+    assert not (tmp_path / "k.png").exists()

@@ -246,3 +246,37 @@ def test_the_readme_model_traces_under_jit():
     assert not [w for w in caught if "not traceable" in str(w.message)], (
         "the README's model falls back to eager"
     )
+
+
+def _printed_block() -> list[str]:
+    """The lines of the README's "What `pyro-vae train` prints" block."""
+    text = README.read_text()
+    section = text[text.index("## What `pyro-vae train` prints") :]
+    start = section.index("```\n") + len("```\n")
+    return section[start : section.index("```", start)].splitlines()
+
+
+def _comparable(lines: list[str]) -> list[str]:
+    # What differs from run to run: the seconds, and the folder named after the time (without --out).
+    lines = [re.sub(r"in \d+\.\d s \(\d+\.\d+ s/epoch\)", "in T s (T s/epoch)", line) for line in lines]
+    return [re.sub(r"^run saved to .*", "run saved to RUN_DIR", line) for line in lines]
+
+
+def test_the_main_command_prints_the_readmes_numbers(tmp_path):
+    """``pyro-vae train`` with its defaults prints the README's lines: every number but the seconds.
+
+    On the CPU (``--device cpu``), where the README's numbers come from: a GPU's kernels round differently.
+    Every line fits 100 columns.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_vae", "--quiet", "train", "--device", "cpu"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout.splitlines()
+    assert _comparable(printed) == _comparable(_printed_block())
+    assert all(len(line) <= 100 for line in printed), [line for line in printed if len(line) > 100]

@@ -149,8 +149,8 @@ def test_evaluate_plot_sample_and_export_from_another_directory(skip_run, tmp_pa
         assert said.startswith(("wrote", "skipped")) and (
             said.startswith("skipped") or (tmp_path / "plots" / file).is_file()
         )
-    # Every figure applies to this model: two layers, the top one 2-D, images.
-    assert {p.name for p in (tmp_path / "plots").iterdir()} == set(PLOT_FILES.values())
+    # Every figure applies to this model (two layers, the top one 2-D, images) but the mixture models' one.
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == set(PLOT_FILES.values()) - {"components.png"}
 
     assert main(["sample", str(skip_run), "--num", "16", "--out", "f.png"]) == 0
     assert (tmp_path / "f.png").stat().st_size > 0
@@ -190,7 +190,8 @@ def test_plot_run_resolves_the_default_auto_binarization(skip_run, tmp_path):
     assert run.data_config.binarize == "auto" and run.binarize == "dynamic"
     notes: list[str] = []
     paths = plot_run(run, tmp_path, khat_samples=0, log=notes.append)
-    assert len(paths) == len(PLOT_FILES) - 1 and notes == ["skipped khat.png: khat_samples is 0"]
+    assert len(paths) == len(PLOT_FILES) - 2 and notes[0] == "skipped khat.png: khat_samples is 0"
+    assert len(notes) == 2 and notes[1].startswith("skipped components.png")
 
 
 def test_a_model_from_an_importable_module(tmp_path, monkeypatch, capsys):

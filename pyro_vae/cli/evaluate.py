@@ -16,15 +16,18 @@ import pyro
 import torch
 
 from .._typing import VAEModel
+from ..errors import PyroVAEError
 from ..inference.ais import AnnealingSettings
 from ..inference.bounds import Bounds
 from ..inference.evaluators import EVALUATORS, EvaluationOptions, importance_report, run_evaluator
 from ..inference.gaps import GapSettings
 from ..inference.importance import evaluate_bounds
 from ..inference.layers import latent_layers
-from ..io.run import load_run, save_evaluation
+from ..io.run import Run, load_run, save_evaluation
 from ..training.distributed import DataParallel, Stream
 from ..training.loop import resolve_device
+from ..training.state import load_weights
+from ..training.validation import BEST_FILE
 from .options import (
     add_dataclass_arguments,
     dataclass_from_args,
@@ -33,6 +36,7 @@ from .options import (
     registry_choice,
     seed_option,
 )
+from .printing import fit_columns
 
 __all__ = ["add_parser", "evaluate_summary", "format_report", "khat_caveat", "run"]
 
@@ -62,6 +66,12 @@ def add_parser(commands: Any) -> None:
     evaluate.add_argument("--json", default=None, metavar="FILE", help="also write the results to FILE")
     evaluate.add_argument("--seed", type=seed_option, default=0)
     evaluate.add_argument("--device", type=device_option, default="auto")
+    evaluate.add_argument(
+        "--weights",
+        choices=("final", "best"),
+        default="final",
+        help="final: model.pt; best: best.pt, the best epoch on the validation split (train --eval-every)",
+    )
     annealing = evaluate.add_argument_group("ais, bdmc and gaps (annealed importance sampling)")
     add_dataclass_arguments(annealing, AnnealingSettings)
     annealing.add_argument(
@@ -133,6 +143,11 @@ def evaluate_summary(
     summary = bounds.summary(data_dim=x.shape[-1])
     summary["data_dim"] = x.shape[-1]
     summary["layers"] = layers
+    # Every point's own numbers, so a picture of them (khat.png) shows this evaluation's k̂, not another's.
+    summary["per_datum"] = {
+        "log_px": bounds.log_px.tolist(),
+        "khat": None if bounds.khat is None else bounds.khat.tolist(),
+    }
     return summary
 
 
@@ -171,20 +186,42 @@ def khat_caveat(summary: dict[str, Any]) -> str:
             f"PSIS k-hat <= 0.7 for all {n} test points (max {summary['khat_max']:.2f}): the ± can be trusted"
         )
     return (
-        f"k-hat > 0.7 for {100 * frac:.1f}% of the {n} test points: the ± understates the error; "
-        "see pyro-vae evaluate --method ais"
+        f"k-hat > 0.7 for {100 * frac:.1f}% of {n} test points: the ± understates the error; "
+        "see evaluate --method ais"
     )
+
+
+def _load_best(loaded: Run) -> None:
+    """Put the weights of the run's ``best.pt`` (checksum verified) into its model, and say which epoch."""
+    path = loaded.path / BEST_FILE
+    if not path.is_file():
+        raise PyroVAEError(
+            f"{loaded.path} has no {BEST_FILE}: it was trained without --eval-every (a validation score); "
+            "evaluate its final weights (drop --weights best)"
+        )
+    weights = load_weights(path)
+    try:
+        loaded.vae.load_state_dict(weights)  # type: ignore[attr-defined]
+    except Exception as error:  # names or shapes of another model
+        raise PyroVAEError(f"{path} cannot be loaded into the run's model ({error})") from None
+    scored = [r for r in loaded.history if r.valid_elbo is not None]
+    if scored:
+        best = max(scored, key=lambda r: r.valid_elbo)  # type: ignore[arg-type, return-value]
+        print(f"weights of {path}: epoch {best.epoch}, validation score {best.valid_elbo:.3f} nats per datum")
 
 
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     loaded = load_run(args.run_dir, device=device)
+    if args.weights == "best":
+        _load_best(loaded)
     x = loaded.data(args.split)
     if args.limit is not None:
         x = x[: args.limit]
     x = x.to(device)
     evaluation = run_evaluator(args.method, loaded.vae, x, options=_options(args))
     summary = evaluation.summary
+    summary["weights"] = "best.pt" if args.weights == "best" else "model.pt"
     if args.method == "is":
         summary["split"] = args.split
         title = (
@@ -194,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         source = "simulated from the model" if args.method == "bdmc" else f"of {args.split}"
         title = f"{loaded.data_config.dataset}: {summary['num_data']} data points {source}, --method {args.method}"
-    print("\n".join([title, *evaluation.report]))
+    print(fit_columns("\n".join([title, *evaluation.report])))
     if args.json:
         save_evaluation(Path(args.json), summary)
     return 0

@@ -9,6 +9,7 @@
     pyro-vae sample RUN_DIR --num 64 --out FILE.png
     pyro-vae export RUN_DIR --out FILE.nc
     pyro-vae list
+    pyro-vae COMMAND --config FILE.json|FILE.toml ...   (the command's defaults from a file)
 
 One module per command (:mod:`~pyro_vae.cli.train`, :mod:`~pyro_vae.cli.evaluate`,
 :mod:`~pyro_vae.cli.plot`, :mod:`~pyro_vae.cli.sample`, :mod:`~pyro_vae.cli.export`,
@@ -42,6 +43,7 @@ from ..errors import PyroVAEError
 from ..version import __version__
 from . import evaluate, export, listing, plot, sample, train
 from .evaluate import format_report
+from .options import config_file_defaults
 
 __all__ = ["format_report", "main", "parser"]
 
@@ -76,7 +78,33 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
     for command in (train, evaluate, export, plot, sample, listing):
         command.add_parser(commands)
+    for name, sub in commands.choices.items():
+        if name != "list":
+            sub.add_argument(
+                "--config",
+                default=None,
+                metavar="FILE",
+                help=f"defaults for the options of {name} from a JSON or TOML (.toml) file, keys the option "
+                "names (batch-size or batch_size); flags given here override them",
+            )
     return top
+
+
+def _subcommands(top: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (commands,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(commands.choices)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed command line; with ``--config FILE`` the file's values are the command's defaults."""
+    top = parser()
+    args = top.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    subcommands = _subcommands(top)
+    sub = subcommands[args.command]
+    sub.set_defaults(**config_file_defaults(args.config, sub, command=args.command, commands=subcommands))
+    return top.parse_args(argv)
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -101,7 +129,11 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except PyroVAEError as error:  # a --config file that cannot give the defaults
+        print(f"pyro-vae: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     _configure_logging(args)
     # Under torchrun every process would say the same: the others name their rank, and stay silent where
     # all of them stop together (a NaN loss, Ctrl-C: decided with the gradients of the same step).

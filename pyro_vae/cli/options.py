@@ -6,15 +6,19 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 from ..errors import PyroVAEError
 
 __all__ = [
     "add_dataclass_arguments",
+    "config_file_defaults",
+    "count_or_all",
     "dataclass_from_args",
     "device_option",
     "flag",
@@ -110,6 +114,19 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def count_or_all(text: str) -> int | None:
+    """A positive whole number, or ``all`` (None): how many data points to take."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number or all, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number or all, got {text!r}")
+    return value
+
+
 def device_option(text: str) -> str:
     """``--device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, for every command.
 
@@ -202,3 +219,135 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -
         for name in names:
             message = message.replace(f"{cls.__name__}.{name} ", f"{flag(name)} ")
         raise PyroVAEError(message) from None
+
+
+# ---------------------------------------------------------------------------
+# --config FILE: a command's defaults from a JSON or TOML file
+
+
+def _read_config_file(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise PyroVAEError(f"--config {path}: {error.strerror or type(error).__name__}") from None
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef,import-not-found,unused-ignore]
+            except ImportError:
+                raise PyroVAEError(
+                    f"--config {path}: reading TOML needs Python >= 3.11 (or pip install tomli); "
+                    "write the file as JSON instead"
+                ) from None
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise PyroVAEError(f"--config {path} is not valid TOML: {error}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise PyroVAEError(
+            f"--config {path} is not valid JSON ({error}); a TOML file must end in .toml"
+        ) from None
+
+
+def _as_text(value: Any) -> str:
+    """A file's value as it would be typed on the command line: [100, 50] -> 100,50; [[8], [4]] -> 8/4."""
+    if isinstance(value, list | tuple):
+        if value and all(isinstance(v, list | tuple) for v in value):
+            return "/".join(_as_text(v) for v in value)
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def _parsed(action: argparse.Action, text: str) -> Any:
+    value = action.type(text) if callable(action.type) else text  # type: ignore[misc]
+    if action.choices is not None and value not in action.choices:
+        raise argparse.ArgumentTypeError(
+            f"must be one of {', '.join(map(str, action.choices))}, got {text!r}"
+        )
+    return value
+
+
+def _config_value(action: argparse.Action, value: Any) -> Any:
+    """``value`` from a config file, parsed and checked as the flag of ``action`` parses its text."""
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # a switch
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"must be true or false, got {value!r}")
+        if isinstance(action, argparse._StoreConstAction) and value not in (action.const, action.default):
+            raise argparse.ArgumentTypeError(f"can only be {str(action.const).lower()} (the flag's effect)")
+        return value
+    if value is None:
+        if action.default is not None:
+            raise argparse.ArgumentTypeError(
+                "must have a value (null is only for options whose default is none)"
+            )
+        return None
+    if isinstance(action, argparse._AppendAction):
+        # {"rank": 4} or ["rank=4"]: what --guide-option rank=4 (repeated) gives.
+        items = (
+            [f"{key}={json.dumps(item)}" for key, item in value.items()]
+            if isinstance(value, dict)
+            else [str(item) for item in (value if isinstance(value, list) else [value])]
+        )
+        return [_parsed(action, item) for item in items]
+    if isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a single value, not a table, got {value!r}")
+    return _parsed(action, _as_text(value))
+
+
+def config_file_defaults(
+    path: str | os.PathLike[str],
+    parser: argparse.ArgumentParser,
+    *,
+    command: str,
+    commands: Collection[str] = (),
+) -> dict[str, Any]:
+    """The defaults that the config file ``path`` gives the options of ``parser`` (the command ``command``).
+
+    The file is JSON, or TOML when its name ends in ``.toml``: one object whose keys are the command's
+    option names (``batch-size``, with or without the dashes) or their field names (``batch_size``, as in a
+    run's config.json), and whose values are what the command line would take (numbers, strings, true /
+    false for switches, lists for comma-separated values, a table for a repeatable KEY=VALUE option). A
+    table named after a command of ``commands`` (``[train]``) holds that command's keys; other commands'
+    tables are skipped.
+    Each value is parsed and checked as its flag's is; an unknown key or a bad value is refused with a
+    sentence naming the file and the key. Flags given on the command line override these defaults.
+    """
+    path = Path(path)
+    data = _read_config_file(path)
+    if not isinstance(data, dict):
+        raise PyroVAEError(f"--config {path} must hold one object of option names and values")
+    actions = [
+        a
+        for a in parser._actions
+        if any(o.startswith("--") for o in a.option_strings) and a.dest not in ("help", "config")
+    ]
+    by_key: dict[str, argparse.Action] = {}
+    for action in actions:
+        by_key[action.dest] = action
+        by_key[_long_name(action)] = action
+    items = [(key, value) for key, value in data.items() if not (key in commands and isinstance(value, dict))]
+    section = data.get(command)
+    if isinstance(section, dict):
+        items += list(section.items())
+    defaults: dict[str, Any] = {}
+    for key, value in items:
+        found = by_key.get(str(key).removeprefix("--"))
+        if found is None:
+            known = sorted({_long_name(a) for a in actions})
+            raise PyroVAEError(
+                f"--config {path}: pyro-vae {command} has no option {key!r}; its options are {', '.join(known)}"
+            )
+        try:
+            defaults[found.dest] = _config_value(found, value)
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as error:
+            raise PyroVAEError(f"--config {path}: {key}: {error}") from None
+    return defaults
+
+
+def _long_name(action: argparse.Action) -> str:
+    """``batch-size`` for ``--batch-size`` (``jit`` for ``--jit/--no-jit``): an option's key in a config file."""
+    return next(o for o in action.option_strings if o.startswith("--")).removeprefix("--")

@@ -18,9 +18,19 @@ def add_parser(commands: Any) -> None:
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.add_argument("--out", default=None, metavar="DIR", help="default: RUN_DIR/plots")
     plot.add_argument(
-        "--khat-samples", type=non_negative_int, default=500, help="K for the k-hat plot; 0 skips it"
+        "--khat-samples",
+        type=non_negative_int,
+        default=None,
+        metavar="K",
+        help="khat.png shows the k-hat of the run's own evaluation (evaluation.json: its K, its points); "
+        "K computes them afresh with K samples (500 for a run without an evaluation); 0 skips it",
     )
-    plot.add_argument("--khat-limit", type=positive(int), default=500, help="test points in the k-hat plot")
+    plot.add_argument(
+        "--khat-limit",
+        type=positive(int),
+        default=500,
+        help="test points of a k-hat computed afresh (the first N)",
+    )
     plot.add_argument("--seed", type=seed_option, default=0)
     plot.add_argument("--device", type=device_option, default="auto")
     plot.set_defaults(run=run)

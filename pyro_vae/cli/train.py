@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from ..components.priors import PRIORS
 from ..config import BINARIZE_MODES, INFERENCE, LAYER_INITS, TOP_DOWN, DataConfig, ModelConfig, TrainConfig
 from ..errors import PyroVAEError
 from ..io.binarization import prepare_split, resolve_binarize
-from ..io.data import Dataset, load_dataset
+from ..io.data import Dataset, hold_out, load_dataset
 from ..io.lock import RunLock, remove_stale_temporaries
 from ..io.run import (
     is_run_dir,
@@ -50,9 +52,11 @@ from ..training.distributed import process_group, run_on_main, torchrun_process_
 from ..training.hooks import Hook, Loop
 from ..training.loop import fit, resolve_device
 from ..training.state import EpochRecord
+from ..training.tensorboard import TensorBoardLog, require_tensorboard
 from .evaluate import evaluate_summary, khat_caveat
 from .options import (
     add_dataclass_arguments,
+    count_or_all,
     dataclass_from_args,
     int_list,
     json_option,
@@ -61,10 +65,15 @@ from .options import (
     positive,
     registry_choice,
 )
+from .printing import fit_columns
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "evaluation_points", "headline", "points_summary", "run"]
 
+LOGGER = logging.getLogger("pyro_vae.cli")
 _DEFAULTS = ModelConfig(data_dim=1)
+# The final evaluation scores at most this many test points by default (K = 1000 over MNIST's 10,000 took
+# several times as long as a few epochs of training): the digits' 359 all, MNIST's 1000 of 10,000.
+DEFAULT_EVAL_POINTS = 1000
 # The flags that describe the built-in model (filled in by add_parser): a user's --model takes none of them.
 _BUILTIN_MODEL_FLAGS: dict[str, str] = {}
 
@@ -85,6 +94,14 @@ def add_parser(commands: Any) -> None:
         choices=BINARIZE_MODES,
         default="auto",
         help="auto: dynamic for a binary likelihood on grey data",
+    )
+    data.add_argument(
+        "--validation",
+        type=_validation_size,
+        default=None,
+        metavar="N",
+        help="hold out N training points (or a fraction, e.g. 0.1) as the validation split; binarized-mnist "
+        "has its own",
     )
     model = train.add_argument_group("model (the package's own)")
     model.add_argument("--prior", type=registry_choice(PRIORS), default=_DEFAULTS.prior)
@@ -157,7 +174,8 @@ def add_parser(commands: Any) -> None:
         metavar="FILE.py:Class",
         help="your own model: an nn.Module class with model(x, *, num_data=None) and guide(x, *, num_data=None), "
         "from a file (FILE.py:Class) or an installed module (package.module:Class), built as "
-        "Class(data_dim=D, [image_shape=...,] **options)",
+        "Class(data_dim=D, [image_shape=...,] **options); or one of the package's by name: gmvae "
+        "(the Gaussian-mixture VAE, options num_components, latent_dim, hidden_dims, likelihood, ...)",
     )
     own.add_argument(
         "--model-option",
@@ -178,6 +196,21 @@ def add_parser(commands: Any) -> None:
     train.add_argument(
         "--eval-samples", type=int, default=1000, help="K for the final test log p(x); 0 skips it"
     )
+    train.add_argument(
+        "--eval-points",
+        type=count_or_all,
+        default=DEFAULT_EVAL_POINTS,
+        metavar="N|all",
+        help="test points the final log p(x) is estimated on: all of a test set of up to N points, else N "
+        "drawn at random with --seed (the ± then includes that draw); all: every test point",
+    )
+    train.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="also write per-epoch ELBOs, KL per layer and seconds, and the final reconstruction and sample "
+        "grids, to TensorBoard in DIR (pip install 'pyro_vae[tensorboard]')",
+    )
     train.add_argument("--out", default=None, help="run folder (default: runs/DATASET-TIME)")
     train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument(
@@ -191,6 +224,21 @@ def add_parser(commands: Any) -> None:
         help="also checkpoint every STEPS steps (always at the end of each epoch)",
     )
     train.set_defaults(run=run, parser=train)
+
+
+def _validation_size(text: str) -> int | float:
+    """--validation: a whole number of points (10000) or a fraction in (0, 1) (0.1)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        fraction = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of points or a fraction, got {text!r}") from None
+    if not 0 < fraction < 1:
+        raise argparse.ArgumentTypeError(f"a fraction must lie in (0, 1), got {text!r}")
+    return fraction
 
 
 def _model_spec(args: argparse.Namespace, dataset: Dataset) -> ModelSpec:
@@ -380,7 +428,63 @@ class _RunFolderWriter(Hook):
             print(f"pyro-vae: {kept}", file=sys.stderr)
 
 
+def evaluation_points(num_test: int, eval_points: int | None, *, seed: int) -> torch.Tensor | None:
+    """The test indices the final evaluation scores, in order: None for all of them.
+
+    ``eval_points`` of them drawn uniformly without replacement when the test set is larger (its own
+    generator seeded with ``seed``, so training's random stream is left as it was), else all. A random
+    draw rather than the first N: test sets are often ordered (MNIST's first 5000 are the cleaner half).
+    """
+    if eval_points is None or eval_points >= num_test:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_test, generator=generator)[:eval_points].sort().values
+
+
+def points_summary(summary: dict[str, Any], points: torch.Tensor | None, *, num_test: int) -> dict[str, Any]:
+    """What ``summary`` (of ``points`` of a test set of ``num_test``) says of the points it scored.
+
+    ``log_px_points_stderr``: the standard error of the mean log p̂(x) over the drawn points as an estimate
+    of the whole test set's, sqrt((1 - n/N) s² / n) with s² the variance of the per-point log p̂(x)
+    (sampling without replacement; 0 when every point was scored).
+    """
+    n = summary["num_data"]
+    log_px = torch.tensor(summary["per_datum"]["log_px"], dtype=torch.float64)
+    drawn = 0.0 if points is None else math.sqrt((1 - n / num_test) * float(log_px.var()) / n)
+    index = list(range(num_test)) if points is None else points.tolist()
+    return {
+        "split": "test",
+        "num_split": num_test,
+        "points": "all" if points is None else "random",
+        "log_px_points_stderr": drawn,
+        "per_datum": {"index": index, **summary["per_datum"]},
+    }
+
+
+def headline(summary: dict[str, Any], *, given: list[str]) -> list[str]:
+    """The lines of the final log p(x): its value and ± (from the K samples and the draw of points), what was scored."""
+    n, total = summary["num_data"], summary["num_split"]
+    sampling, drawn = summary["log_px_stderr"], summary["log_px_points_stderr"]
+    condition = f" | {', '.join(given)} at the guide's mean" if given else ""
+    lines = [
+        f"test log p(x{condition}) = {summary['log_px']:.3f} ± {math.hypot(sampling, drawn):.3f} nats per datum "
+        f"(importance sampling, K={summary['num_samples']})"
+    ]
+    what = f"all {n} test points" if n == total else f"{n} of {total} test points, drawn at random"
+    lines.append(
+        f"evaluated on {what}; NLL {summary['nll']:.3f} nats, {summary['bits_per_dim']:.4f} bits/dim"
+    )
+    if n < total:
+        lines.append(
+            f"the ± is {sampling:.3f} from the K samples and {drawn:.3f} from the draw of the points; "
+            "--eval-points all for all"
+        )
+    return lines
+
+
 def run(args: argparse.Namespace, *, device: torch.device | None = None) -> int:
+    if args.tensorboard is not None:
+        require_tensorboard()  # before the run folder is touched: a refused command changes nothing
     if args.distributed and device is None:
         with torchrun_process_group(device=args.device) as process_device:
             return run(args, device=process_device)
@@ -394,8 +498,14 @@ def run(args: argparse.Namespace, *, device: torch.device | None = None) -> int:
 def _train(args: argparse.Namespace, out: Path, *, device: torch.device | None) -> int:
     rank, world_size = process_group()
     # Only rank 0 speaks and writes files; the others compute their shards and join its collectives.
-    say = print if rank == 0 else lambda *_, **__: None
+
+    def say(text: str) -> None:
+        if rank == 0:
+            print(fit_columns(text))
+
     dataset = load_dataset(args.dataset, data_dir=args.data_dir)
+    if args.validation is not None:
+        dataset = hold_out(dataset, args.validation)
     spec = _model_spec(args, dataset)
     train_config = dataclass_from_args(
         TrainConfig, args, shards=args.shards or (world_size if args.distributed else None)
@@ -406,9 +516,11 @@ def _train(args: argparse.Namespace, out: Path, *, device: torch.device | None) 
     # Sizes against the device's memory before anything is allocated (a user's class is not built twice).
     if spec.config is not None:
         check_model_fits(spec.build, device=device)
+    num_test = len(dataset.split("test"))
+    points = evaluation_points(num_test, args.eval_points, seed=args.seed)
     if args.eval_samples:
         check_evaluation_fits(
-            num_samples=args.eval_samples, num_data=len(dataset.split("test")), device=device
+            num_samples=args.eval_samples, num_data=num_test if points is None else len(points), device=device
         )
     # The weights are drawn first from the seeded generator, as they always were; what follows draws nothing
     # from it (the binarization check traces the model on a fork, static binarization has its own seeds).
@@ -418,6 +530,9 @@ def _train(args: argparse.Namespace, out: Path, *, device: torch.device | None) 
     mode = resolve_binarize(args.binarize, dataset=dataset, likelihood_binary=binary)
     train_x = prepare_split(dataset, "train", mode=mode)
     test_x = prepare_split(dataset, "test", mode=mode)
+    # Scored every --eval-every epochs: the held-out points, or the data set's own valid split.
+    scored = train_config.eval_every is not None and dataset.valid is not None
+    valid_x = prepare_split(dataset, "valid", mode=mode) if scored else None  # none: fit says what to pass
     if _starts_from_the_mean_pixel(vae, spec):
         # The decoder's output bias at logit(mean pixel): without it a stack of latent layers spends its first
         # epoch on the mean image while the KL term closes the upper layers (benchmarks/README.md, issue 15).
@@ -429,6 +544,7 @@ def _train(args: argparse.Namespace, out: Path, *, device: torch.device | None) 
         data_dir=args.data_dir,
         binarize=mode,
         sha256=dataset.sha256,
+        validation=args.validation,
     )
     writer = _RunFolderWriter(
         out,
@@ -443,11 +559,21 @@ def _train(args: argparse.Namespace, out: Path, *, device: torch.device | None) 
     description = (
         spec.config if spec.config is not None else {k: v for k, v in spec.to_dict().items() if k != "origin"}
     )
+    tracking = (
+        []
+        if args.tensorboard is None
+        else [
+            TensorBoardLog(
+                args.tensorboard, vae=vae, test=test_x, image_shape=dataset.image_shape, seed=args.seed
+            )
+        ]
+    )
     start = time.perf_counter()
     result = fit(
         vae,
         train_x,
         test=test_x,
+        valid=valid_x,
         config=train_config,
         device=device,
         dynamic_binarization=mode == "dynamic",
@@ -455,7 +581,7 @@ def _train(args: argparse.Namespace, out: Path, *, device: torch.device | None) 
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         model_config=description,
-        hooks=[writer],
+        hooks=[writer, *tracking],
     )
     seconds = time.perf_counter() - start
     if rank == 0:
@@ -469,33 +595,34 @@ def _train(args: argparse.Namespace, out: Path, *, device: torch.device | None) 
         )
     final = result.final
     where = f"{device}" if world_size == 1 else f"{world_size} processes ({device.type})"
+    test_elbo = "-" if final.test_elbo is None else f"{final.test_elbo:.3f} nats"
+    say(f"trained {_describe(spec, args)} on {dataset.name}, binarize={mode}")
     say(
-        f"trained {_describe(spec, args)} "
-        f"on {dataset.name}: {train_x.shape[0]} train / {test_x.shape[0]} test points of dimension {dataset.input_dim}, "
-        f"binarize={mode}"
+        f"{train_x.shape[0]} train / {test_x.shape[0]} test points of dimension {dataset.input_dim}; "
+        f"{train_config.epochs} epochs in {seconds:.1f} s ({seconds / train_config.epochs:.2f} s/epoch) on {where}"
     )
-    say(
-        f"{train_config.epochs} epochs in {seconds:.1f} s ({seconds / train_config.epochs:.2f} s/epoch) on {where}; "
-        f"final ELBO per datum: train {final.train_elbo:.3f} nats, test {final.test_elbo:.3f} nats"
-    )
+    say(f"final ELBO per datum: train {final.train_elbo:.3f} nats, test {test_elbo}")
     if args.eval_samples:
+        chosen = test_x if points is None else test_x[points]
+        scope = (
+            f"all {len(chosen)} test points"
+            if points is None
+            else f"{len(chosen)} of {test_x.shape[0]} test points drawn at random (--eval-points all: every one)"
+        )
+        LOGGER.info("log p(x) by importance sampling, K = %d, on %s", args.eval_samples, scope)
         summary = evaluate_summary(
             vae,
-            test_x.to(device),
+            chosen.to(device),
             num_samples=args.eval_samples,
             chunk_size=1000,
             seed=args.seed,
             shards=train_config.shards,
         )
+        summary.update(points_summary(summary, points, num_test=test_x.shape[0]))
         if rank == 0:
             save_evaluation(out / "evaluation.json", summary)
-        conditional = summary.get("conditional_on") or []
-        given = f" | {', '.join(conditional)} at the guide's mean" if conditional else ""
-        say(
-            f"test log p(x{given}) = {summary['log_px']:.3f} ± {summary['log_px_stderr']:.3f} nats per datum "
-            f"(importance sampling, K={args.eval_samples}); NLL {summary['nll']:.3f} nats, "
-            f"{summary['bits_per_dim']:.4f} bits/dim"
-        )
+        for line in headline(summary, given=summary.get("conditional_on") or []):
+            say(line)
         say(khat_caveat(summary))
-    say(f"run saved to {out}")
+        say(f"run saved to {out}")
     return 0

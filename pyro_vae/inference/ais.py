@@ -18,10 +18,16 @@ of the final weights 1 / sum_c w̄_c^2 (normalized weights w̄).
 The chains live in the unconstrained space of all latent sites of the datum: each site's
 value z_s = T_s(u_s) with T_s = ``biject_to(support)`` of the model's distribution there,
 and the density of u adds log |det dT_s/du_s| (the same for every f_t, so it cancels in
-the weights). Every log-density comes from the model's and guide's own ``.log_prob``: the
-model and guide are conditioned on the chains' values (``poutine.condition``) and traced
-inside a plate of C particles, so a guide whose later sites depend on earlier ones scores
-each site given the chains' values of those. Gradients in u come from autograd; the
+the weights). Every log-density comes from the model's and guide's own ``.log_prob``, inside
+a plate of C particles. On the plain path (``fast=False``) the model and the guide are
+conditioned on the chains' values (``poutine.condition``) and traced at every leapfrog
+position. The fast path (the default) gives the same numbers with less work per position:
+the model runs under a messenger that sets the latent values and keeps each site's
+log-density as it goes (no trace is built), and q(z | x), whose parameters come from the
+encoder run on x and do not move along the path, is computed once per data chunk and only
+its ``.log_prob`` is evaluated at each position. A guide whose later sites depend on the
+values of earlier ones (q(z2 | z1, x)) is detected and traced at every position, so that each
+site is scored given the chains' values of those. Gradients in u come from autograd; the
 leapfrog steps are Pyro's ``velocity_verlet``.
 
 HMC step sizes are one per data point and annealing step, adapted towards an acceptance
@@ -58,11 +64,13 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.ops.integrator import velocity_verlet
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from torch.distributions import biject_to, constraints
 from torch.distributions.transforms import Transform
 
+from ..components.kernels import AUTO_ROWS, compiled_kernels
 from ..errors import PyroVAEError
 from .conditioning import PerDatumPair, per_datum_pair
 from .progress import ChunkProgress
@@ -302,6 +310,34 @@ class LatentSpace:
         return all(bool(s.support.check(values[s.name]).all()) for s in self.sites)
 
 
+class SiteScores(Messenger):
+    """Sets the model's latent sites to the chains' values and keeps every sample site's log-density.
+
+    What ``poutine.condition`` plus ``poutine.trace`` plus :func:`site_log_density` give, with no
+    trace built: each latent site takes its value from ``values`` (and is scored, not sampled),
+    and after each sample statement its ``fn.log_prob(value)``, summed to [C or 1, n or 1], goes
+    to ``latent`` or ``observed`` in the order the model runs. Plate subsample sites are skipped.
+    """
+
+    def __init__(self, values: Mapping[str, torch.Tensor], *, particle_dim: int) -> None:
+        super().__init__()
+        self.values = values
+        self.particle_dim = particle_dim
+        self.latent: list[torch.Tensor] = []
+        self.observed: list[torch.Tensor] = []
+
+    def _pyro_sample(self, msg: Any) -> None:
+        if msg["name"] in self.values:
+            msg["value"] = self.values[msg["name"]]
+            msg["is_observed"] = True
+
+    def _pyro_post_sample(self, msg: Any) -> None:
+        if site_is_subsample(msg):
+            return
+        terms = self.latent if msg["name"] in self.values else self.observed
+        terms.append(site_log_density(msg, particle_dim=self.particle_dim))
+
+
 class AnnealingPath:
     """log f_0(z) and log p(x, z) - log f_0(z) of one data chunk at C chains' values, from traces.
 
@@ -309,20 +345,54 @@ class AnnealingPath:
     where the difference is log p(x | z) and the guide is never run).
     """
 
-    def __init__(self, pair: PerDatumPair, xs: torch.Tensor, *, num_chains: int, start: str) -> None:
+    def __init__(
+        self, pair: PerDatumPair, xs: torch.Tensor, *, num_chains: int, start: str, fast: bool = True
+    ) -> None:
         self.pair = pair
         self.xs = xs
         self.num_chains = num_chains
         self.start = start
+        self.fast = fast
         self.particle_dim = -pair.max_plate_nesting - 1
         devices = [xs.device] if xs.device.type == "cuda" else []
         # The layout (shapes, supports) from one prior draw, on a copy of the random state.
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             prior = self._trace(pair.model, {})
-        self.names = [
-            name for name, site in prior.nodes.items() if site["type"] == "sample" and not site["is_observed"]
-        ]
-        self.space = LatentSpace(prior, self.names, num_chains=num_chains)
+            self.names = [
+                name
+                for name, site in prior.nodes.items()
+                if site["type"] == "sample" and not site["is_observed"]
+            ]
+            self.space = LatentSpace(prior, self.names, num_chains=num_chains)
+            # The guide's sites, kept when q(z | x) does not depend on the chains' values (fast path only).
+            self.guide_sites = (
+                self._fixed_guide_sites({name: prior.nodes[name]["value"] for name in self.names})
+                if fast and start == "guide"
+                else None
+            )
+
+    def _fixed_guide_sites(self, values: Mapping[str, torch.Tensor]) -> list[dict[str, Any]] | None:
+        """The guide's sample sites (their distributions q(z_s | x)) if none depends on the latents' values.
+
+        q's parameters come from the encoder run on x and stay put along the whole path, so the
+        fast path computes them once per chunk and scores each leapfrog position with their
+        ``.log_prob`` alone. A guide whose site depends on another site's value (q(z2 | z1, x))
+        is detected by scoring the same values under the guide conditioned on two different
+        sets of values (these, and these moved by 0.5 in the unconstrained space): any
+        difference, and the guide is traced at every position as on the plain path (None).
+        """
+        rows = self.space.flatten(values)
+        moved, _ = self.space.unflatten({name: u + 0.5 for name, u in rows.items()})
+        first = self._trace(self.pair.guide, values)
+        second = self._trace(self.pair.guide, moved)
+        sites = [site for site in first.nodes.values() if site["type"] == "sample"]
+        for site in sites:
+            other = second.nodes[site["name"]]
+            here = site_log_density(site, particle_dim=self.particle_dim)
+            there = site_log_density({**other, "value": site["value"]}, particle_dim=self.particle_dim)
+            if not torch.equal(here, there):
+                return None
+        return sites
 
     def _trace(self, fn: Any, values: Mapping[str, torch.Tensor]) -> Trace:
         with pyro.plate(PARTICLE_PLATE, self.num_chains, dim=self.particle_dim):
@@ -330,9 +400,13 @@ class AnnealingPath:
             return prune_subsample_sites(poutine.trace(conditioned).get_trace(self.xs))
 
     def _sum(self, sites: Sequence[dict[str, Any]]) -> torch.Tensor:
+        return self._total([site_log_density(site, particle_dim=self.particle_dim) for site in sites])
+
+    def _total(self, terms: Sequence[torch.Tensor]) -> torch.Tensor:
+        """sum of per-site log-densities, each broadcastable to [C, n]: [C, n]."""
         total: torch.Tensor | float = 0.0
-        for site in sites:
-            total = total + site_log_density(site, particle_dim=self.particle_dim)
+        for term in terms:
+            total = total + term
         return torch.as_tensor(total).expand(self.num_chains, self.space.num_data)
 
     def draw_start(self) -> dict[str, torch.Tensor]:
@@ -349,16 +423,32 @@ class AnnealingPath:
         return self.space.flatten(values)
 
     def terms(self, rows: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """log f_0(z) + log |det dz/du| and log p(x, z) - log f_0(z), each [C, n] in the model's dtype."""
+        """log f_0(z) + log |det dz/du| and log p(x, z) - log f_0(z), each [C, n] in the model's dtype.
+
+        The plain path traces the model and the guide conditioned on the chains' values; the fast
+        path (the default) runs the model under :class:`SiteScores`, which sets the values and keeps
+        each site's log-density without building a trace, and scores q with the distributions kept
+        by :meth:`_fixed_guide_sites` where it can. Both sum the same ``.log_prob`` terms in the same
+        order, so they agree to rounding.
+        """
         values, log_det = self.space.unflatten(rows)
-        model_trace = self._trace(self.pair.model, values)
-        sites = [s for s in model_trace.nodes.values() if s["type"] == "sample"]
-        log_prior = self._sum([s for s in sites if s["name"] in values])
-        log_lik = self._sum([s for s in sites if s["name"] not in values])
+        if self.fast:
+            scores = SiteScores(values, particle_dim=self.particle_dim)
+            with scores, pyro.plate(PARTICLE_PLATE, self.num_chains, dim=self.particle_dim):
+                self.pair.model(self.xs)
+            log_prior, log_lik = self._total(scores.latent), self._total(scores.observed)
+        else:
+            model_trace = self._trace(self.pair.model, values)
+            sites = [s for s in model_trace.nodes.values() if s["type"] == "sample"]
+            log_prior = self._sum([s for s in sites if s["name"] in values])
+            log_lik = self._sum([s for s in sites if s["name"] not in values])
         if self.start == "prior":
             return log_prior + log_det, log_lik
-        guide_trace = self._trace(self.pair.guide, values)
-        log_q = self._sum([s for s in guide_trace.nodes.values() if s["type"] == "sample"])
+        if self.guide_sites is not None:
+            log_q = self._sum([{**site, "value": values[site["name"]]} for site in self.guide_sites])
+        else:
+            guide_trace = self._trace(self.pair.guide, values)
+            log_q = self._sum([s for s in guide_trace.nodes.values() if s["type"] == "sample"])
         return log_q + log_det, log_prior + log_lik - log_q
 
 
@@ -471,12 +561,13 @@ def pilot_step_sizes(
     *,
     settings: AnnealingSettings,
     progress: ChunkProgress | None = None,
+    fast: bool = True,
 ) -> torch.Tensor:
     """Step sizes [T + 1, n] adapted on ``settings.pilot_chains`` chains of their own (or all ``step_size``)."""
     n = xs.shape[0]
     if settings.pilot_chains == 0 or betas.shape[0] <= 2:
         return torch.full((betas.shape[0], n), settings.step_size, dtype=torch.float64, device=xs.device)
-    pilot = AnnealingPath(pair, xs, num_chains=settings.pilot_chains, start=settings.start)
+    pilot = AnnealingPath(pair, xs, num_chains=settings.pilot_chains, start=settings.start, fast=fast)
     _, _, step_sizes = anneal(
         pilot, pilot.draw_start(), betas, settings=settings, step_sizes=None, progress=progress
     )
@@ -494,6 +585,19 @@ def chunk_rows(settings: AnnealingSettings, data_chunk_size: int | None) -> int:
     return data_chunk_size or max(1, AIS_ROWS // max(settings.num_chains, settings.pilot_chains))
 
 
+def fuse_kernels(settings: AnnealingSettings, x: torch.Tensor, num_data: int, *, passes: int = 1) -> bool:
+    """Whether to compile the likelihood's elementwise log-density when ``compile=None``.
+
+    As importance sampling does, for runs of at least ``AUTO_ROWS`` (datum, chain) rows over all
+    the model evaluations (``passes`` directions of ``num_chains`` chains, the pilot's, each step's
+    leapfrog + 1 evaluations), but on the CPU only: on a GPU the elementwise kernels are a small
+    part of a pass, and Triton's compilation would cost tens of seconds of a short run.
+    """
+    chains = passes * settings.num_chains + settings.pilot_chains
+    rows = num_data * chains * max(settings.num_steps - 1, 1) * (settings.leapfrog_steps + 1)
+    return x.device.type == "cpu" and rows >= AUTO_ROWS
+
+
 def ais(
     model: Any,
     guide: Any,
@@ -502,13 +606,20 @@ def ais(
     settings: AnnealingSettings = AnnealingSettings(),
     data_chunk_size: int | None = None,
     progress: bool | None = None,
+    fast: bool = True,
+    compile: bool | None = None,
 ) -> AISResult:
     """log p̂(x_i) by annealed importance sampling for every point of ``x`` [N, ...], with diagnostics.
 
     ``model(x)`` and ``guide(x)`` are a pair of the contract (validated first; global latents
     at the guide's plug-in value, as for importance sampling). Refuses models with discrete
     latents. Randomness comes from torch's global generator: the same seed, settings and
-    chunk size give the same numbers.
+    chunk size give the same numbers. ``fast=False`` traces the model and the guide at every
+    leapfrog position (the plain path, for checking; see :meth:`AnnealingPath.terms`), which
+    gives the same numbers to rounding. ``compile`` runs the likelihood's elementwise
+    log-density as one fused kernel (:mod:`pyro_vae.components.kernels`), forward and
+    backward; ``None`` does so on the CPU for runs of at least ``AUTO_ROWS`` (datum, chain)
+    model evaluations (:func:`fuse_kernels`).
     """
     _check_data(x, data_chunk_size)
     pair = per_datum_pair(model, guide, x)
@@ -516,10 +627,12 @@ def ais(
     betas = annealing_schedule(settings.num_steps, kind=settings.schedule)
     chunks = x.split(chunk_rows(settings, data_chunk_size))
     passes = 2 if settings.pilot_chains else 1
+    fuse = fuse_kernels(settings, x, x.shape[0]) if compile is None else compile
     parts = []
     with (
         pyro.validation_enabled(False),
         poutine.block(),
+        compiled_kernels(fuse),
         ChunkProgress(
             desc="AIS",
             num_data=x.shape[0],
@@ -528,8 +641,8 @@ def ais(
         ) as bar,
     ):
         for xs in chunks:
-            step_sizes = pilot_step_sizes(pair, xs, betas, settings=settings, progress=bar)
-            path = AnnealingPath(pair, xs, num_chains=settings.num_chains, start=settings.start)
+            step_sizes = pilot_step_sizes(pair, xs, betas, settings=settings, progress=bar, fast=fast)
+            path = AnnealingPath(pair, xs, num_chains=settings.num_chains, start=settings.start, fast=fast)
             log_w, accept_rate, _ = anneal(
                 path, path.draw_start(), betas, settings=settings, step_sizes=step_sizes, progress=bar
             )

@@ -38,6 +38,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
+from ..components.kernels import compiled_kernels
 from ..errors import PyroVAEError
 from .ais import (
     AnnealingPath,
@@ -46,6 +47,7 @@ from .ais import (
     annealing_schedule,
     check_continuous,
     chunk_rows,
+    fuse_kernels,
     pilot_step_sizes,
 )
 from .conditioning import PerDatumPair, per_datum_pair
@@ -125,11 +127,14 @@ def bdmc(
     settings: AnnealingSettings = AnnealingSettings(),  # noqa: B008 (frozen)
     data_chunk_size: int | None = None,
     progress: bool | None = None,
+    fast: bool = True,
+    compile: bool | None = None,
 ) -> BDMCResult:
     """Forward and reverse AIS on ``num_data`` points simulated from ``model`` (default: as many as ``like``).
 
     ``like`` [M, ...] is data of the model's shape; the pair is validated on it. Refuses models
-    with discrete latents. Draws from torch's global generator.
+    with discrete latents. Draws from torch's global generator. ``fast`` and ``compile`` are
+    :func:`~pyro_vae.inference.ais.ais`'s.
     """
     if not isinstance(like, torch.Tensor) or like.dim() < 1 or like.shape[0] == 0:
         raise PyroVAEError("like must be a non-empty tensor whose first dimension indexes data points")
@@ -143,10 +148,12 @@ def bdmc(
     size = chunk_rows(settings, data_chunk_size)
     starts = range(0, num, size)
     passes = 3 if settings.pilot_chains else 2
+    fuse = fuse_kernels(settings, like, num, passes=2) if compile is None else compile
     lower, upper = [], []
     with (
         pyro.validation_enabled(False),
         poutine.block(),
+        compiled_kernels(fuse),
         ChunkProgress(
             desc="BDMC",
             num_data=num,
@@ -156,8 +163,8 @@ def bdmc(
     ):
         for start in starts:
             xs = x[start : start + size]
-            step_sizes = pilot_step_sizes(pair, xs, betas, settings=settings, progress=bar)
-            path = AnnealingPath(pair, xs, num_chains=settings.num_chains, start=settings.start)
+            step_sizes = pilot_step_sizes(pair, xs, betas, settings=settings, progress=bar, fast=fast)
+            path = AnnealingPath(pair, xs, num_chains=settings.num_chains, start=settings.start, fast=fast)
             log_w, _, _ = anneal(
                 path, path.draw_start(), betas, settings=settings, step_sizes=step_sizes, progress=bar
             )

@@ -89,7 +89,7 @@ class GapsResult:
     log_px: torch.Tensor
     elbo: torch.Tensor
     elbo_optimized: torch.Tensor
-    log_px_method: str
+    log_px_method: str  # "ais", "is", or "given" (passed in by the caller)
     conditional_on: tuple[str, ...] = ()
 
     @property
@@ -248,21 +248,37 @@ def gaps(
     annealing: AnnealingSettings = AnnealingSettings(),  # noqa: B008 (frozen)
     data_chunk_size: int | None = None,
     progress: bool | None = None,
+    log_px: torch.Tensor | None = None,
 ) -> GapsResult:
     """log p̂(x), the encoder's ELBO and the optimized guide's ELBO for every point of ``x`` [N, ...].
 
     The gaps are the result's ``approximation_gap`` and ``amortization_gap``. ``annealing``
-    configures log p̂(x) when ``settings.log_px_method == "ais"``. Draws from torch's global
-    generator.
+    configures log p̂(x) when ``settings.log_px_method == "ais"``. ``log_px`` [N] passes an
+    estimate made already for these same data (say the ``log_px`` of an :func:`ais` run on
+    ``x``), which is then used instead of a new one (``log_px_method`` "given"). Draws from
+    torch's global generator.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise PyroVAEError("x must be a non-empty tensor whose first dimension indexes data points")
     if data_chunk_size is not None and (isinstance(data_chunk_size, bool) or data_chunk_size < 1):
         raise PyroVAEError(f"data_chunk_size must be a positive integer or None, got {data_chunk_size!r}")
+    if log_px is not None and not (
+        isinstance(log_px, torch.Tensor)
+        and log_px.shape == (x.shape[0],)
+        and bool(torch.isfinite(log_px).all())
+    ):
+        raise PyroVAEError(
+            f"log_px must be a finite tensor of one estimate per data point, shape [{x.shape[0]}], got "
+            f"{list(log_px.shape) if isinstance(log_px, torch.Tensor) else type(log_px).__name__}; pass the "
+            "log_px of an evaluation of these same data, or None to estimate it here"
+        )
     pair = per_datum_pair(model, guide, x)
     check_continuous(pair, x, method="the inference gaps")
     _initial_parameters(pair, x[:2])  # refuse a guide that cannot be freed before any long computation
-    if settings.log_px_method == "ais":
+    method: str = settings.log_px_method
+    if log_px is not None:
+        log_px, method = log_px.detach().double().cpu(), "given"
+    elif settings.log_px_method == "ais":
         log_px = ais(model, guide, x, settings=annealing, progress=progress).log_px
     else:
         log_px = log_marginal(model, guide, x, num_samples=settings.is_samples)
@@ -289,6 +305,6 @@ def gaps(
         log_px=log_px,
         elbo=torch.cat(elbo),
         elbo_optimized=torch.cat(elbo_optimized),
-        log_px_method=settings.log_px_method,
+        log_px_method=method,
         conditional_on=pair.conditional_on,
     )

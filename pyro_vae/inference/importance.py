@@ -45,8 +45,9 @@ from ..components.kernels import AUTO_ROWS, compiled_kernels
 from ..errors import PyroVAEError, PyroVAETypeError
 from .bounds import Bounds, default_iwae_ks
 from .conditioning import per_datum_pair
+from .progress import log_chunk
 from .psis import MIN_SAMPLES_FOR_KHAT, psis_khat
-from .traces import chunked_passes, traced_log_weights
+from .traces import LogWeights, chunked_passes, traced_weights
 
 __all__ = ["check_sampling_args", "evaluate_bounds", "log_marginal"]
 
@@ -139,6 +140,16 @@ def evaluate_bounds(
     data plate) is evaluated at the guide's plug-in value g* of them, as
     log p(x_i | g*) (:mod:`pyro_vae.inference.conditioning`); the bounds name
     those sites in ``conditional_on``.
+
+    Discrete sites marked ``infer={"enumerate": "parallel"}`` are summed out
+    exactly (:mod:`pyro_vae.inference.traces`): log p̂(x) = log (1/K) sum_k
+    sum_c p(x, z_k^c, c) / q(z_k^c | x, c), every particle holding one draw
+    z_k^c ~ q(z | x, c) per component, all components in one vectorized pass;
+    the IWAE-k bounds, the standard error and the PSIS k̂ are those of the
+    per-particle weights sum_c w_k^c (the continuous part), and ``elbo`` is the
+    ELBO that TraceEnum_ELBO trains, sum_c q(c | x) E_q[log p(x, z, c) -
+    log q(z | x, c) - log q(c | x)]. A model whose only latent is enumerated is
+    scored exactly, every particle alike.
     """
     check_sampling_args(
         x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size, model=model
@@ -151,10 +162,10 @@ def evaluate_bounds(
     show = sys.stderr.isatty() if progress is None else progress  # the bar draws on stderr
     fuse = x.shape[0] * num_samples >= AUTO_ROWS if compile is None else compile
 
-    def one_pass(xs: torch.Tensor, k: int) -> torch.Tensor:
-        return traced_log_weights(
+    def one_pass(xs: torch.Tensor, k: int) -> LogWeights:
+        return traced_weights(
             pair.model, pair.guide, xs, num_samples=k, max_plate_nesting=pair.max_plate_nesting
-        )[0]  # [k, n] float64
+        )
 
     def bar(data_chunks: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
         return tqdm(data_chunks, disable=not show, desc="log p(x)", unit="chunk", file=sys.stderr)
@@ -169,24 +180,30 @@ def evaluate_bounds(
             data_chunk_size=data_chunk_size,
             wrap=bar,
         ):
-            log_w = torch.cat(passes)  # [K, n] float64
-            chunks.append(_reduce(log_w, ks, diagnostics=diagnostics, conditional_on=pair.conditional_on))
+            log_w = torch.cat([p.log_w for p in passes])  # [K, n] float64
+            elbo = torch.cat([p.elbo for p in passes])  # [K, n] float64
+            chunks.append(
+                _reduce(log_w, ks, diagnostics=diagnostics, conditional_on=pair.conditional_on, elbo=elbo)
+            )
             done += log_w.shape[1]
             # A line per chunk on the package's logger (the command line shows it when piped).
-            LOGGER.info(
-                "log p(x), K = %d: %d of %d data points done (%.1f s)",
-                num_samples,
-                done,
-                x.shape[0],
-                time.perf_counter() - start,
-            )
+            log_chunk(f"log p(x), K = {num_samples}", done=done, total=x.shape[0], start=start)
     return Bounds.concatenate(chunks)
 
 
 def _reduce(
-    log_w: torch.Tensor, ks: Sequence[int], *, diagnostics: bool, conditional_on: tuple[str, ...] = ()
+    log_w: torch.Tensor,
+    ks: Sequence[int],
+    *,
+    diagnostics: bool,
+    conditional_on: tuple[str, ...] = (),
+    elbo: torch.Tensor | None = None,
 ) -> Bounds:
-    """The bounds of one chunk of data from its log-weights ``log_w`` [K, n] float64, moved to the CPU."""
+    """The bounds of one chunk of data from its log-weights ``log_w`` [K, n] float64, moved to the CPU.
+
+    ``elbo`` [K, n] holds each particle's ELBO term where it differs from log w (a guide that enumerates a
+    discrete site: its ELBO weighs the components by q(c | x), the weight sums them); default ``log_w``.
+    """
     num_samples = log_w.shape[0]
     log_px = torch.logsumexp(log_w, 0) - math.log(num_samples)
     iwae = {}
@@ -209,7 +226,7 @@ def _reduce(
         else:
             khat = torch.full((log_w.shape[1],), math.nan, dtype=torch.float64)
     return Bounds(
-        elbo=log_w.mean(0).cpu(),
+        elbo=(log_w if elbo is None else elbo).mean(0).cpu(),
         iwae=iwae,
         log_px=log_px.cpu(),
         log_px_stderr=stderr.cpu(),

@@ -9,9 +9,29 @@ from types import TracebackType
 
 from tqdm.auto import tqdm
 
-__all__ = ["ChunkProgress"]
+__all__ = ["ChunkProgress", "log_chunk"]
 
 LOGGER = logging.getLogger("pyro_vae.inference")
+
+
+def log_chunk(desc: str, *, done: int, total: int, start: float, note: str = "") -> None:
+    """One INFO line on ``pyro_vae.inference``: ``DESC: 130 of 359 data points done (1.0 s, about 2 s left)``.
+
+    ``start`` is the ``time.perf_counter()`` of the evaluation's start; the time left is the pace so far
+    carried over the points still to do, as the epoch lines of training say it.
+    """
+    elapsed = time.perf_counter() - start
+    left = total - done
+    pace = f", about {elapsed * left / done:.0f} s left" if done > 0 and left > 0 else ""
+    LOGGER.info(
+        "%s: %d of %d data points done (%.1f s%s)%s",
+        desc,
+        done,
+        total,
+        elapsed,
+        pace,
+        f"; {note}" if note else "",
+    )
 
 
 class ChunkProgress:
@@ -35,15 +55,7 @@ class ChunkProgress:
 
     def chunk_done(self, num_data: int, note: str = "") -> None:
         self.done_data += num_data
-        elapsed = time.perf_counter() - self.start
-        LOGGER.info(
-            "%s: %d of %d data points done (%.1f s)%s",
-            self.desc,
-            self.done_data,
-            self.num_data,
-            elapsed,
-            f"; {note}" if note else "",
-        )
+        log_chunk(self.desc, done=self.done_data, total=self.num_data, start=self.start, note=note)
 
     def __enter__(self) -> ChunkProgress:
         return self

@@ -21,6 +21,18 @@ silently wrong:
   in the model's order, and ``iwae``, a bound per data point, cannot train a
   global latent.
 
+Discrete sites marked ``infer={"enumerate": "parallel"}`` are summed out
+exactly (by ``TraceEnum_ELBO`` in training, by the evaluators per data point).
+Such a site may be drawn by the guide too (q(c | x), enumerated there: then
+model and guide must give it the same values to sum over) or by the model
+alone (summed out inside p); it must sit in the data plate and in no other
+plate, since the evaluators sum it out per data point; and the pair must pass
+``TraceEnum_ELBO``'s own checks of the enumerated shapes. A discrete site of
+the model that the guide does not draw and that is not marked is refused, as
+any missing site is, with the flag as the way out. ``mean-field`` (closed-form
+KL) cannot sum a site out, and ``iwae`` sums it out exactly only where the
+model alone enumerates it (inside each weight); both refuse the others.
+
 Pyro's own errors while the pair runs (a shape that no plate explains, data
 outside a distribution's support) become :class:`PyroVAEError` too, on one line.
 """
@@ -31,7 +43,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import pyro
 import torch
+from pyro import poutine
+from pyro.infer import TraceEnum_ELBO
 from pyro.poutine.trace_struct import Trace
 from pyro.util import check_model_guide_match, check_site_shape
 
@@ -60,6 +75,11 @@ class PairStructure:
     # Observed sites outside the data plate (a pyro.factor on the globals, say): one term for the whole data
     # set, which training takes and a per-datum log p(x_i) cannot divide among the data points.
     global_observed: tuple[str, ...] = ()
+    # Discrete sites marked infer={"enumerate": "parallel"}, summed out exactly: those the guide draws too
+    # (q(c | x) enumerated) and those the model alone draws, in the model's order.
+    enumerated: tuple[str, ...] = ()
+    # Of those, the ones the guide draws.
+    enumerated_in_guide: tuple[str, ...] = ()
 
     @property
     def latent(self) -> tuple[str, ...]:
@@ -154,12 +174,26 @@ def validate_pair(
             raise PyroVAEError(
                 f"the guide observes site {name!r} (obs=...); a guide only draws latents, so remove obs there"
             )
-    missing = set(model_latents) - set(guide_sites)
+    enumerated = {
+        name: site
+        for trace in (model_trace, guide_trace)
+        for name, site in _samples(trace, observed=False).items()
+        if site["infer"].get("enumerate")
+    }
+    # A site the model alone enumerates is summed out inside p(x, ...): the guide has nothing to draw.
+    model_only = {n for n, s in model_latents.items() if s["infer"].get("enumerate") and n not in guide_sites}
+    missing = set(model_latents) - set(guide_sites) - model_only
     extra = set(guide_sites) - set(model_latents)
     if missing or extra:
         parts = []
         if missing:
             parts.append(f"the model's latent site(s) {_names(missing)} are not drawn by the guide")
+            discrete = sorted(n for n in missing if model_latents[n]["fn"].has_enumerate_support)
+            if discrete:
+                parts.append(
+                    f"a discrete site ({_names(discrete)}) may instead be summed out in the model: mark it "
+                    "infer={'enumerate': 'parallel'} there"
+                )
         if extra:
             parts.append(f"the guide draws {_names(extra)}, which the model does not have")
         raise PyroVAEError(
@@ -168,6 +202,7 @@ def validate_pair(
             + f" (model latents: {_names(model_latents) or 'none'}; guide sites: {_names(guide_sites) or 'none'}); "
             "the guide must draw every latent site of the model under the same name, and nothing else"
         )
+    _check_enumerated(enumerated, model_latents=model_latents, guide_sites=guide_sites)
     nesting = max(
         (
             -frame.dim
@@ -185,6 +220,8 @@ def validate_pair(
         except ValueError as error:
             raise PyroVAEError(f"{_one_line(error)}; make the guide's site the model's shape") from None
     for warning in caught:
+        if model_only and str(warning.message).startswith("Found vars in model but not guide"):
+            continue  # the sites the model alone enumerates (Pyro knows them only once enumerated)
         # Everything about the sites was checked above; what is left (plates in the guide that the
         # model lacks) would also make the numbers wrong.
         raise PyroVAEError(f"the guide does not match the model: {_one_line(warning.message)}")
@@ -209,23 +246,141 @@ def validate_pair(
             f"the observed site(s) {_names(observed)} are outside pyro.plate('data', ...): put the data "
             "in pyro_vae.data_plate(x, num_data) so each data point has its own log p(x)"
         )
+    if enumerated:
+        _check_enumeration_shapes(model, guide, sample, kwargs, nesting=nesting)
     local = tuple(n for n, s in model_latents.items() if _in_data_plate(s))
     global_ = tuple(n for n, s in model_latents.items() if not _in_data_plate(s))
+    in_guide = tuple(n for n in model_latents if n in enumerated and n in guide_sites)
     if loss is not None:
-        _check_objective(loss, model_latents=list(model_latents), guide_sites=guide_sites, global_=global_)
+        _check_objective(
+            loss,
+            model_latents=[n for n in model_latents if n not in model_only],
+            guide_sites=guide_sites,
+            global_=global_,
+            enumerated=tuple(n for n in model_latents if n in enumerated),
+            enumerated_in_guide=in_guide,
+        )
     return PairStructure(
         local=local,
         global_=global_,
         observed=tuple(observed),
         max_plate_nesting=nesting,
         global_observed=tuple(n for n, s in observed.items() if not _in_data_plate(s)),
+        enumerated=tuple(n for n in model_latents if n in enumerated),
+        enumerated_in_guide=in_guide,
     )
 
 
+def _check_enumerated(
+    enumerated: dict[str, dict[str, Any]],
+    *,
+    model_latents: dict[str, dict[str, Any]],
+    guide_sites: dict[str, dict[str, Any]],
+) -> None:
+    """Refuse an enumerated site that cannot be summed out exactly, or whose values model and guide disagree on."""
+    for name in sorted(enumerated):
+        for role, sites in (("model", model_latents), ("guide", guide_sites)):
+            site = sites.get(name)
+            if site is None:
+                continue
+            how = site["infer"].get("enumerate")
+            fn = site["fn"]
+            if how is not None and how != "parallel":
+                raise PyroVAEError(
+                    f"the {role}'s site {name!r} asks for enumeration {how!r}; the evaluators sum a discrete "
+                    "site out in one vectorized pass, so mark it infer={'enumerate': 'parallel'}"
+                )
+            if not fn.has_enumerate_support:
+                raise PyroVAEError(
+                    f"the {role}'s site {name!r} is marked for enumeration, but its {type(fn).__name__} "
+                    "distribution has no finite set of values to sum over; enumerate only discrete sites "
+                    "(Categorical, Bernoulli, ...) and sample the others"
+                )
+            plates = [f.name for f in site["cond_indep_stack"] if f.vectorized]
+            if "data" not in plates:
+                raise PyroVAEError(
+                    f"the enumerated site {name!r} is outside pyro.plate('data', ...); the evaluators sum an "
+                    "enumerated site out per data point, so draw it inside pyro_vae.data_plate(x, num_data)"
+                )
+            others = [p for p in plates if p != "data"]
+            if others:
+                raise PyroVAEError(
+                    f"the enumerated site {name!r} sits in plate(s) {_names(others)} besides the data plate; "
+                    "the evaluators sum an enumerated site out per data point, which needs one value per "
+                    "data point: draw it in the data plate alone"
+                )
+        model_site, guide_site = model_latents.get(name), guide_sites.get(name)
+        if model_site is None or guide_site is None:
+            continue
+        if not model_site["fn"].has_enumerate_support:
+            raise PyroVAEError(
+                f"the guide enumerates site {name!r}, but the model draws it from a "
+                f"{type(model_site['fn']).__name__}, which has no finite set of values; model and guide must "
+                "both draw a discrete distribution there"
+            )
+        model_values = model_site["fn"].enumerate_support(expand=False)
+        guide_values = guide_site["fn"].enumerate_support(expand=False)
+        if model_values.shape[0] != guide_values.shape[0] or not torch.equal(
+            model_values.reshape(model_values.shape[0], -1)[:, :1],
+            guide_values.reshape(guide_values.shape[0], -1)[:, :1],
+        ):
+            raise PyroVAEError(
+                f"the model's site {name!r} takes {model_values.shape[0]} values and the guide's "
+                f"{guide_values.shape[0]} (or other ones); an enumerated site must have the same values in "
+                "both (the same number of categories)"
+            )
+
+
+def _check_enumeration_shapes(
+    model: ModelFn, guide: ModelFn, sample: torch.Tensor, kwargs: dict, *, nesting: int
+) -> None:
+    """Run the pair once under ``TraceEnum_ELBO`` with Pyro's validation, which checks the enumerated shapes."""
+    elbo = TraceEnum_ELBO(max_plate_nesting=max(nesting, 1), strict_enumeration_warning=False)
+    devices = [sample.device] if sample.device.type == "cuda" else []
+    try:
+        with (
+            torch.random.fork_rng(devices=devices),
+            torch.no_grad(),
+            poutine.block(),
+            pyro.validation_enabled(True),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")  # the dry run before has reported what matters
+            elbo.loss(model, guide, sample, **kwargs)
+    except (ValueError, NotImplementedError) as error:
+        raise PyroVAEError(f"summing the enumerated sites out failed: {_one_line(error)}") from error
+    except RuntimeError as error:
+        raise PyroVAEError(
+            f"summing the enumerated sites out failed: {_one_line(error)}; an enumerated site takes all its "
+            "values at once, in a dimension left of every plate (e.g. a value of shape [C, 1] for a "
+            "Categorical in the data plate), so the code that uses it must broadcast over that dimension "
+            "(index with it, or torch.nn.functional.one_hot it and broadcast)"
+        ) from error
+
+
 def _check_objective(
-    loss: str, *, model_latents: list[str], guide_sites: dict[str, dict[str, Any]], global_: tuple[str, ...]
+    loss: str,
+    *,
+    model_latents: list[str],
+    guide_sites: dict[str, dict[str, Any]],
+    global_: tuple[str, ...],
+    enumerated: tuple[str, ...] = (),
+    enumerated_in_guide: tuple[str, ...] = (),
 ) -> None:
     """Refuse a pair that the objective ``loss`` would train with a silently wrong gradient or bound."""
+    if loss == "mean-field" and enumerated:
+        raise PyroVAEError(
+            f"the mean-field ELBO ({_options(loss)}) takes KL terms in closed form and cannot sum the "
+            f"enumerated site(s) {_names(enumerated)} out; use {_options('elbo')}, which sums them out "
+            "exactly (TraceEnum_ELBO)"
+        )
+    if loss == "iwae" and enumerated_in_guide:
+        raise PyroVAEError(
+            f"the importance-weighted bound ({_options(loss)}) sums an enumerated site out exactly only "
+            "inside each weight, log sum_c p(x, z, c) / q(z | x), i.e. where the model alone enumerates it; "
+            f"the guide draws {_names(enumerated_in_guide)}, whose q(c | x) that bound would never train; "
+            f"use {_options('elbo')} (TraceEnum_ELBO), or leave the site out of the guide"
+        )
     if loss in _NEEDS_RSAMPLE:
         for name, site in guide_sites.items():
             if not site["fn"].has_rsample:

@@ -50,6 +50,7 @@ __all__ = [
     "Dataset",
     "binarize_static",
     "default_data_dir",
+    "hold_out",
     "load_dataset",
     "read_amat",
     "read_idx",
@@ -186,6 +187,48 @@ def load_dataset(
     raise DataError(
         f"unknown data set {name_or_path!r}; choose one of: {', '.join(DATASETS.names())}, "
         "or pass a path to a .npy / .npz file"
+    )
+
+
+def hold_out(dataset: Dataset, size: int | float) -> Dataset:
+    """``dataset`` with ``size`` of its training points moved to a ``valid`` split, the same on every machine.
+
+    ``size`` is a number of points (1 to N - 1) or a fraction in (0, 1) of the
+    N training points (rounded, at least 1). The points are the first of a
+    fixed permutation (numpy ``default_rng(SPLIT_SEED)``), so train and valid
+    never share a point and a run scored later gets back the same split; both
+    keep the data set's order. A data set with its own ``valid`` split
+    (binarized-mnist) is refused: its benchmark numbers use that split.
+    """
+    if dataset.valid is not None:
+        raise DataError(
+            f"{dataset.name} has its own valid split of {dataset.valid.shape[0]} points; use it (drop "
+            "--validation) so the numbers compare with the published ones"
+        )
+    n = dataset.train.shape[0]
+    if isinstance(size, bool) or not isinstance(size, int | float):
+        raise DataError(f"the validation size must be a number of points or a fraction, got {size!r}")
+    if isinstance(size, float):
+        if not 0 < size < 1:
+            raise DataError(f"a validation fraction must lie in (0, 1), got {size!r}")
+        count = max(1, round(size * n))
+    else:
+        count = size
+    if not 1 <= count < n:
+        raise DataError(
+            f"cannot hold out {count} validation points of {dataset.name}'s {n} training points; "
+            f"hold out 1 to {n - 1} (or a fraction in (0, 1))"
+        )
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    valid_rows = torch.from_numpy(np.sort(order[:count]))
+    train_rows = torch.from_numpy(np.sort(order[count:]))
+    labels = dataset.train_labels
+    return dataclasses.replace(
+        dataset,
+        train=dataset.train[train_rows],
+        valid=dataset.train[valid_rows],
+        train_labels=None if labels is None else labels[train_rows],
+        valid_labels=None if labels is None else labels[valid_rows],
     )
 
 

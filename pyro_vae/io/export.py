@@ -21,6 +21,21 @@ The samples come from the evaluator's own traced pass
 :func:`~pyro_vae.evaluation.evaluate_bounds` chunks it), so with the same seed
 and chunk sizes they are the samples behind ``log_marginal``.
 
+A discrete site enumerated in the model or guide (``infer={"enumerate":
+"parallel"}``; a mixture component c) is summed out of the weights as the
+evaluator sums it: particle k holds z_k^c ~ q(z | x_i, c) for every c and
+weighs W_k = sum_c w_k^c. Each exported draw is one pair (c_k, z_k^{c_k}),
+c_k drawn in proportion to the particle's w_k^c (from a generator of its own,
+so the evaluator's samples are unchanged), weighted by W_k: a properly weighted
+sample of p(c, z | x_i), so softmax-weighted averages estimate posterior
+expectations as before. Then ``posterior.c`` holds the integer c_k (dims
+chain, draw, datum); ``log_q`` = log q(z_k | x_i, c_k) + log (w_k^{c_k} / W_k),
+the log-density with which the pair was drawn, so that ``log_weight`` =
+log p(x_i | z_k) + log p(z_k, c_k) - log q is log W_k and ``log_px`` is the
+evaluator's; ``sample_stats.c_probs`` [datum, c_category] is the
+importance estimate of p(c | x_i) = sum_k w_k^c / sum_k W_k, and
+``sample_stats.c_guide_probs`` the guide's q(c | x_i) where the guide draws c.
+
 References:
     Kumar, Carroll, Hartikainen & Martin, "ArviZ a unified library for
     exploratory analysis of Bayesian models in Python", JOSS 4(33), 2019.
@@ -33,7 +48,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +65,7 @@ from ..files import replace_atomic
 from ..inference.conditioning import per_datum_pair
 from ..inference.importance import check_sampling_args
 from ..inference.psis import MIN_SAMPLES_FOR_KHAT, psis_khat
-from ..inference.traces import chunked_passes, site_log_density, traced_log_weights
+from ..inference.traces import chunked_passes, enumerated_dim, site_log_density, traced_log_weights
 from .arviz_compat import InferenceDataLike, group_names, make_inference_data, write_netcdf
 
 __all__ = ["export_run", "to_inference_data"]
@@ -65,6 +80,10 @@ class _Draws:
     observed: dict[str, torch.Tensor]  # observed site -> [n, D_site]
     log_prior: torch.Tensor  # [K, n]
     log_q: torch.Tensor  # [K, n]
+    # Enumerated site -> log sum over the other enumerated sites of w_k^c: [K, n, C] float64.
+    enum_log_w: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Enumerated site the guide draws -> q(c | x): [n, C] float64.
+    guide_probs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _per_datum(site: dict[str, Any], *, particle_dim: int, num_samples: int) -> torch.Tensor:
@@ -79,7 +98,15 @@ def _per_datum(site: dict[str, Any], *, particle_dim: int, num_samples: int) -> 
     return value.reshape(num_samples, value.shape[1], -1)
 
 
-def _one_pass(model: ModelFn, guide: ModelFn, x: torch.Tensor, *, num_samples: int, nesting: int) -> _Draws:
+def _one_pass(
+    model: ModelFn,
+    guide: ModelFn,
+    x: torch.Tensor,
+    *,
+    num_samples: int,
+    nesting: int,
+    generator: torch.Generator | None = None,
+) -> _Draws:
     # traced_log_weights traces the guide in the particle plate and replays the model; the inner tracers
     # keep those very traces, sample for sample, so nothing is drawn here that the evaluator does not draw.
     guide_tracer, model_tracer = poutine.trace(guide), poutine.trace(model)
@@ -87,6 +114,15 @@ def _one_pass(model: ModelFn, guide: ModelFn, x: torch.Tensor, *, num_samples: i
     guide_trace = prune_subsample_sites(guide_tracer.trace)
     model_trace = prune_subsample_sites(model_tracer.trace)
     particle_dim = -nesting - 1
+    if any(
+        enumerated_dim(site) is not None
+        for trace in (model_trace, guide_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+    ):
+        return _enumerated_pass(
+            model_trace, guide_trace, x, num_samples=num_samples, nesting=nesting, generator=generator
+        )
 
     def log_density(site: dict[str, Any]) -> torch.Tensor:
         log_p = site_log_density(site, particle_dim=particle_dim).double()  # [K or 1, n or 1]
@@ -107,6 +143,95 @@ def _one_pass(model: ModelFn, guide: ModelFn, x: torch.Tensor, *, num_samples: i
     )
 
 
+def _enumerated_pass(
+    model_trace: Any,
+    guide_trace: Any,
+    x: torch.Tensor,
+    *,
+    num_samples: int,
+    nesting: int,
+    generator: torch.Generator | None,
+) -> _Draws:
+    """One draw (c_k, z_k^{c_k}) per particle from traces whose enumerated sites hold all their values."""
+    if nesting != 1:
+        raise PyroVAEError(
+            "the export of a model with enumerated sites supports the data plate alone (no nested plates); "
+            "evaluate it with pyro-vae evaluate instead"
+        )
+    particle_dim = -2
+    guide_sites = [s for s in guide_trace.nodes.values() if s["type"] == "sample" and not s["is_observed"]]
+    model_sites = [s for s in model_trace.nodes.values() if s["type"] == "sample"]
+    # Every enumerated site once (the model's copy of a site the guide enumerates has the guide's dim).
+    enumerated = {}
+    for site in [*guide_sites, *model_sites]:
+        dim = enumerated_dim(site)
+        if dim is not None and site["name"] not in enumerated:
+            enumerated[site["name"]] = (dim, site)
+    first = min(dim for dim, _ in enumerated.values())
+    num_enum = particle_dim - first
+    sizes = {dim: site["value"].shape[dim] for dim, site in enumerated.values()}
+    shape = (*(sizes.get(d, 1) for d in range(first, particle_dim)), num_samples, x.shape[0])  # [E..., K, n]
+    positions = int(np.prod(shape[:num_enum]))
+    k_index = torch.arange(num_samples, device=x.device).unsqueeze(1)  # [K, 1]
+    n_index = torch.arange(x.shape[0], device=x.device).unsqueeze(0)  # [1, n]
+
+    def full(value: torch.Tensor, event_dim: int) -> torch.Tensor:
+        """A value [E..., K or 1, n or 1, *event] broadcast to [P, K, n, *event] (P: all enumerated values)."""
+        event = value.shape[value.dim() - event_dim :]
+        batch = value.dim() - event_dim
+        value = value.reshape((1,) * (num_enum + 2 - batch) + value.shape)
+        return value.expand(*shape, *event).reshape(positions, num_samples, x.shape[0], *event)
+
+    def density(site: dict[str, Any]) -> torch.Tensor:
+        return full(site_log_density(site, particle_dim=particle_dim, enum_dims=num_enum).double(), 0)
+
+    log_joint = sum(density(s) for s in model_sites) - sum(
+        density(s) for s in guide_sites if enumerated_dim(s) is None
+    )  # [P, K, n]
+    log_w = torch.logsumexp(log_joint, 0)  # [K, n]
+    # c_k in proportion to w_k^c, from the export's own generator: the evaluator's stream is left as it is.
+    select = torch.softmax(log_joint, 0).permute(1, 2, 0).reshape(-1, positions)  # [K n, P]
+    chosen = torch.multinomial(select, 1, generator=generator).reshape(num_samples, x.shape[0])  # [K, n]
+
+    def pick(values: torch.Tensor) -> torch.Tensor:
+        return values[chosen, k_index, n_index]  # [K, n, ...]
+
+    latents = {}
+    for site in guide_sites:
+        value = pick(full(site["value"], len(site["fn"].event_shape)))
+        latents[site["name"]] = (
+            value if enumerated_dim(site) is not None else value.reshape(*value.shape[:2], -1)
+        )
+    for name, (_, site) in enumerated.items():
+        if name not in latents:  # enumerated in the model alone
+            latents[name] = pick(full(site["value"], len(site["fn"].event_shape)))
+    log_r = pick(log_joint) - log_w  # log (w_k^{c_k} / W_k): how c_k was drawn
+    observed = [s for s in model_sites if s["is_observed"]]
+    zero = x.new_zeros((num_samples, x.shape[0]), dtype=torch.float64)
+    grid = log_joint.reshape(*shape)  # [E..., K, n]
+    enum_log_w, guide_probs = {}, {}
+    for name, (dim, _) in enumerated.items():
+        at = dim - first
+        others = tuple(i for i in range(num_enum) if i != at)
+        per_c = torch.logsumexp(grid, others) if others else grid  # [C, K, n]
+        enum_log_w[name] = per_c.movedim(0, -1)  # [K, n, C]
+        guide_site = guide_trace.nodes.get(name)
+        if guide_site is not None and enumerated_dim(guide_site) is not None:
+            log_q_c = site_log_density(guide_site, particle_dim=particle_dim, enum_dims=num_enum).double()
+            log_q_c = log_q_c.reshape((1,) * (num_enum + 2 - log_q_c.dim()) + log_q_c.shape)
+            if all(log_q_c.shape[i] == 1 for i in others):  # q(c | x) alone, not given other sites
+                guide_probs[name] = log_q_c.reshape(log_q_c.shape[at], -1).exp().T.expand(x.shape[0], -1)
+    return _Draws(
+        latents=latents,
+        log_lik={s["name"]: pick(density(s)) for s in observed},
+        observed={s["name"]: _per_datum(s, particle_dim=particle_dim, num_samples=1)[0] for s in observed},
+        log_prior=sum((pick(density(s)) for s in model_sites if not s["is_observed"]), zero),
+        log_q=sum((pick(density(s)) for s in guide_sites if enumerated_dim(s) is None), zero) + log_r,
+        enum_log_w=enum_log_w,
+        guide_probs=guide_probs,
+    )
+
+
 def _cat(parts: Sequence[_Draws], *, dim: int) -> _Draws:
     """Joins passes along particles (dim 0) or data (dim 1); observed values are per datum only."""
     first = parts[0]
@@ -118,6 +243,10 @@ def _cat(parts: Sequence[_Draws], *, dim: int) -> _Draws:
         else {name: torch.cat([p.observed[name] for p in parts]) for name in first.observed},
         log_prior=torch.cat([p.log_prior for p in parts], dim),
         log_q=torch.cat([p.log_q for p in parts], dim),
+        enum_log_w={name: torch.cat([p.enum_log_w[name] for p in parts], dim) for name in first.enum_log_w},
+        guide_probs=first.guide_probs
+        if dim == 0
+        else {name: torch.cat([p.guide_probs[name] for p in parts]) for name in first.guide_probs},
     )
 
 
@@ -128,15 +257,18 @@ def _draw(
     *,
     num_samples: int,
     chunk_size: int,
-    data_chunk_size: int,
+    data_chunk_size: int | None,
     nesting: int,
+    generator: torch.Generator | None = None,
 ) -> _Draws:
     # The loop of evaluate_bounds, so that the same seed and chunk sizes give its samples.
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block():
         chunks = [
             _cat(passes, dim=0)
             for passes in chunked_passes(
-                lambda xs, k: _one_pass(model, guide, xs, num_samples=k, nesting=nesting),
+                lambda xs, k: _one_pass(
+                    model, guide, xs, num_samples=k, nesting=nesting, generator=generator
+                ),
                 x,
                 num_samples=num_samples,
                 chunk_size=chunk_size,
@@ -212,6 +344,8 @@ def to_inference_data(
             chunk_size=chunk_size,
             data_chunk_size=data_chunk_size,
             nesting=pair.max_plate_nesting,
+            # Draws the enumerated sites' c_k, apart from the stream the evaluator's samples come from.
+            generator=torch.Generator(device=x.device).manual_seed(0 if seed is None else seed),
         )
     log_lik = sum(draws.log_lik.values(), torch.zeros_like(draws.log_q))
     log_w = log_lik + draws.log_prior - draws.log_q  # [K, n]
@@ -227,7 +361,9 @@ def to_inference_data(
     sample_dims = ("chain", "draw", "datum")
     coords = {"chain": [0], "draw": np.arange(num_samples), "datum": indices}
     posterior = {
-        name: ((*sample_dims, f"{name}_dim"), per_draw(value)) for name, value in draws.latents.items()
+        # An enumerated site's draws are one value per datum [K, n]: dims (chain, draw, datum).
+        name: ((*sample_dims, f"{name}_dim") if value.dim() == 3 else sample_dims, per_draw(value))
+        for name, value in draws.latents.items()
     }
     sample_stats = {
         "log_weight": (sample_dims, per_draw(log_w)),
@@ -236,6 +372,12 @@ def to_inference_data(
         "log_px": (("datum",), log_px.cpu().numpy()),
         "khat": (("datum",), khat.cpu().numpy()),
     }
+    for name, per_c in draws.enum_log_w.items():
+        # p(c | x_i) = sum_k w_k^c / sum_k W_k, each datum's importance estimate.
+        probs = torch.softmax(torch.logsumexp(per_c, 0), -1)  # [n, C]
+        sample_stats[f"{name}_probs"] = (("datum", f"{name}_category"), probs.cpu().numpy())
+    for name, probs in draws.guide_probs.items():
+        sample_stats[f"{name}_guide_probs"] = (("datum", f"{name}_category"), probs.cpu().numpy())
     attrs = {
         "created_by": "pyro_vae",
         "pyro_vae_version": _version(),

@@ -4,8 +4,11 @@
                           pyro_vae.models.spec for the "model" entry)
     RUN_DIR/model_source.py  a copy of the model's source file, for a user's model from a file
     RUN_DIR/model.pt      the model's state dict
-    RUN_DIR/metrics.csv   one row per epoch: epoch, train_elbo, test_elbo, seconds
-    RUN_DIR/evaluation.json  the last importance-sampled evaluation, when one was made
+    RUN_DIR/metrics.csv   one row per epoch: epoch, train_elbo, test_elbo, seconds (and valid_elbo)
+    RUN_DIR/best.pt       the weights of the best epoch on the validation split (--eval-every)
+    RUN_DIR/evaluation.json  the last importance-sampled evaluation, when one was made: its summary
+                          (K, the points evaluated of how many) and, under "per_datum", the test
+                          index, log p̂(x) and PSIS k̂ of every point it evaluated (read_evaluation)
 
 Files are written to a temporary name and renamed, so a run folder never
 holds a half-written file. A trainer holds the folder's lock (``RUN_DIR/.lock``,
@@ -36,7 +39,7 @@ from ..models.abilities import needs_binary_data
 from ..models.spec import SOURCE_FILE, ModelSpec
 from ..training.state import EpochRecord, load_weights, save_weights
 from .binarization import prepare_split, resolve_binarize
-from .data import Dataset, load_dataset
+from .data import Dataset, hold_out, load_dataset
 
 __all__ = [
     "FORMAT",
@@ -45,6 +48,7 @@ __all__ = [
     "is_run_dir",
     "load_run",
     "read_data_config",
+    "read_evaluation",
     "save_config",
     "save_evaluation",
     "save_run",
@@ -56,7 +60,15 @@ FORMAT = "pyro_vae.run/1"
 _FILES = ("config.json", "model.pt", "metrics.csv")
 # Every file a run consists of: --overwrite replaces these and leaves anything else in the folder (pictures,
 # a user's notes) where it is.
-RUN_FILES = ("checkpoint.pt", "config.json", "model.pt", "metrics.csv", "evaluation.json", SOURCE_FILE)
+RUN_FILES = (
+    "checkpoint.pt",
+    "config.json",
+    "model.pt",
+    "best.pt",  # the best-scoring weights on the validation split (training.validation)
+    "metrics.csv",
+    "evaluation.json",
+    SOURCE_FILE,
+)
 
 
 @dataclass
@@ -89,7 +101,9 @@ class Run:
     def dataset(self) -> Dataset:
         """The run's data set; a user's file must still have the bytes it was trained on (if the run kept their hash)."""
         config = self.data_config
-        return load_dataset(config.dataset, data_dir=config.data_dir, sha256=config.sha256)
+        dataset = load_dataset(config.dataset, data_dir=config.data_dir, sha256=config.sha256)
+        # The validation points held out of the training split when the run was trained, if any.
+        return dataset if config.validation is None else hold_out(dataset, config.validation)
 
     @cached_property
     def binarize(self) -> str:
@@ -173,10 +187,13 @@ def save_run(
         )
     state = {name: tensor.detach().cpu() for name, tensor in vae.state_dict().items()}
     save_weights(path / "model.pt", state)  # sealed with its SHA-256 (see pyro_vae.training.state)
-    rows = ["epoch,train_elbo,test_elbo,seconds"]
+    # A valid_elbo column only for a run scored on a validation split: other tables stay as they were.
+    scored = any(r.valid_elbo is not None for r in history)
+    rows = ["epoch,train_elbo,test_elbo,seconds" + (",valid_elbo" if scored else "")]
     for r in history:
         test = "" if r.test_elbo is None else repr(r.test_elbo)
-        rows.append(f"{r.epoch},{r.train_elbo!r},{test},{r.seconds:.6f}")
+        valid = ("," + ("" if r.valid_elbo is None else repr(r.valid_elbo))) if scored else ""
+        rows.append(f"{r.epoch},{r.train_elbo!r},{test},{r.seconds:.6f}{valid}")
     write_text_atomic(path / "metrics.csv", "\n".join(rows) + "\n")
     return path
 
@@ -251,7 +268,40 @@ def settle_replacement(path: str | os.PathLike[str]) -> str | None:
 
 
 def save_evaluation(path: str | os.PathLike[str], summary: dict[str, Any]) -> None:
-    write_text_atomic(Path(path), json.dumps(summary, indent=2) + "\n")
+    """Write ``summary`` as JSON in one atomic step; its ``per_datum`` lists (if any) one line each.
+
+    The summary stays readable (two-space indents) while a per-datum list of 10,000 numbers takes one line
+    instead of 10,000. NaN and infinite k̂ are written as JSON's ``NaN`` / ``Infinity`` (Python's reading).
+    """
+    per_datum = summary.get("per_datum")
+    rest = {key: value for key, value in summary.items() if key != "per_datum"}
+    text = json.dumps(rest, indent=2)
+    if per_datum is not None:
+        rows = ",\n".join(f"    {json.dumps(key)}: {json.dumps(value)}" for key, value in per_datum.items())
+        head = text[: text.rindex("}")].rstrip() + ("," if rest else "")
+        text = head + '\n  "per_datum": {\n' + rows + "\n  }\n}"
+    write_text_atomic(Path(path), text + "\n")
+
+
+def read_evaluation(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``evaluation.json`` of the run in ``path``, or None when the run has none.
+
+    A file that is not such a JSON object is refused with a sentence (never read as no evaluation).
+    """
+    file = Path(path) / "evaluation.json"
+    if not file.is_file():
+        return None
+    try:
+        summary = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, RecursionError) as error:
+        raise PyroVAEError(
+            f"{file} is not a pyro_vae evaluation ({type(error).__name__}: {error}); delete it or train again"
+        ) from None
+    if not isinstance(summary, dict):
+        raise PyroVAEError(
+            f"{file} is not a pyro_vae evaluation (not a JSON object); delete it or train again"
+        )
+    return summary
 
 
 def load_run(path: str | os.PathLike[str], *, device: DeviceLike = "cpu") -> Run:
@@ -298,6 +348,7 @@ def load_run(path: str | os.PathLike[str], *, device: DeviceLike = "cpu") -> Run
                     train_elbo=float(row["train_elbo"]),
                     test_elbo=float(row["test_elbo"]) if row["test_elbo"] else None,
                     seconds=float(row["seconds"]),
+                    valid_elbo=float(row["valid_elbo"]) if row.get("valid_elbo") else None,
                 )
                 for row in csv.DictReader(handle)
             ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from ..components.guides import GUIDES
 from ..components.likelihoods import LIKELIHOODS
@@ -29,6 +30,34 @@ def _build(registry, name: str, *, options: dict | None = None, **required):  # 
     return component(**required, **options)
 
 
+def _parts(config: ModelConfig, *, extra_features: int = 0) -> tuple[Any, Any, Any, Any]:
+    """The likelihood, encoder, decoder and guide head that ``config`` names: what every model shares.
+
+    ``extra_features`` widens the guide head's input beyond the encoder's features (a mixture VAE's
+    guide q(z | x, c) reads a one-hot c beside them).
+    """
+    network_options = {} if config.activation is None else {"activation": config.activation}
+    likelihood = _build(
+        LIKELIHOODS, config.likelihood, options=dict(config.likelihood_options), data_dim=config.data_dim
+    )
+    encoder, decoder = NETWORKS.get(config.network)(
+        data_dim=config.data_dim,
+        latent_dim=config.latent_dim,
+        hidden_dims=config.hidden_dims,
+        decoder_out_dim=likelihood.outputs_per_dim * config.data_dim,
+        image_shape=config.image_shape,
+        **network_options,
+    )
+    guide_head = _build(
+        GUIDES,
+        config.guide,
+        options=dict(config.guide_options),
+        feature_dim=encoder.out_dim + extra_features,
+        latent_dim=config.latent_dim,
+    )
+    return likelihood, encoder, decoder, guide_head
+
+
 def build_vae(config: ModelConfig) -> VAE | HierarchicalVAE:
     """The model that ``config`` describes, with freshly initialized weights.
 
@@ -44,27 +73,9 @@ def build_vae(config: ModelConfig) -> VAE | HierarchicalVAE:
         )
     if hierarchical and config.inference == "ladder" and config.guide != "diagonal":
         raise PyroVAEError("ladder inference builds its own Gaussian layers; use --guide diagonal with it")
-    network_options = {} if config.activation is None else {"activation": config.activation}
-    likelihood = _build(
-        LIKELIHOODS, config.likelihood, options=dict(config.likelihood_options), data_dim=config.data_dim
-    )
+    likelihood, encoder, decoder, guide_head = _parts(config)
     prior = _build(
         PRIORS, config.prior, options=dict(config.prior_options), latent_dim=config.latent_dims[-1]
-    )
-    encoder, decoder = NETWORKS.get(config.network)(
-        data_dim=config.data_dim,
-        latent_dim=config.latent_dim,
-        hidden_dims=config.hidden_dims,
-        decoder_out_dim=likelihood.outputs_per_dim * config.data_dim,
-        image_shape=config.image_shape,
-        **network_options,
-    )
-    guide_head = _build(
-        GUIDES,
-        config.guide,
-        options=dict(config.guide_options),
-        feature_dim=encoder.out_dim,
-        latent_dim=config.latent_dim,
     )
     if not hierarchical:
         return VAE(

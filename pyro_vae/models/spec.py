@@ -42,7 +42,11 @@ from ..config import ModelConfig
 from ..errors import PyroVAEError
 from .build import build_vae
 
-__all__ = ["SOURCE_FILE", "ModelSpec", "parse_model_target"]
+__all__ = ["PACKAGE_MODELS", "SOURCE_FILE", "ModelSpec", "parse_model_target"]
+
+# The package's models built like a user's class, by name: ``--model gmvae`` is
+# ``--model pyro_vae.models.mixture:GMVAE`` (and is kept in a run folder as that module and class).
+PACKAGE_MODELS = {"gmvae": "pyro_vae.models.mixture:GMVAE"}
 
 # The name of the copy of a model's source file inside a run folder.
 SOURCE_FILE = "model_source.py"
@@ -249,11 +253,13 @@ class ModelSpec:
 
 
 def parse_model_target(target: str) -> tuple[str, str]:
-    """``FILE.py:Class`` or ``package.module:Class`` as (file or module, class name)."""
+    """``FILE.py:Class``, ``package.module:Class`` or a name of :data:`PACKAGE_MODELS` as (file or module, class)."""
+    target = PACKAGE_MODELS.get(target, target)
     where, sep, class_name = target.rpartition(":")
     if not sep or not where or not class_name.isidentifier():
         raise PyroVAEError(
-            f"--model takes FILE.py:Class or package.module:Class, got {target!r}; name the class after a colon"
+            f"--model takes FILE.py:Class or package.module:Class, got {target!r}; name the class after a colon "
+            f"(or name one of the package's models: {', '.join(PACKAGE_MODELS)})"
         )
     return where, class_name
 

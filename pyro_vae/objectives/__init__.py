@@ -12,6 +12,10 @@ return the loss as a tensor on the model's device (no host synchronisation).
 - ``iwae``: the importance-weighted bound of Burda et al. (2016),
   sum_i log (1/K) sum_k w_ik, per data point.
 
+``make_loss("elbo", free_bits=lam)`` (``--free-bits``) is the ELBO with each
+latent layer's KL term replaced by max(lam, KL_l), the layer's Monte Carlo KL
+averaged over the minibatch (:class:`FreeBits_ELBO`; Kingma et al., 2016).
+
 Each checks the model and guide against each other the first time it sees
 them (:func:`pyro_vae.inference.validate_pair`, with the objective's name, so
 that ``iwae`` and ``mean-field`` refuse a guide site without ``rsample``, and
@@ -36,6 +40,8 @@ References:
 from __future__ import annotations
 
 from .elbo import DeviceTrace_ELBO, trace_elbo
+from .enum import Enum_ELBO, SumsEnumerated, enum_elbo
+from .free_bits import FreeBits_ELBO, free_bits_elbo
 from .iwae import IWAE_ELBO, iwae
 from .jit import JitELBO
 from .kl_weight import LatentWeight, scale_latents
@@ -46,9 +52,14 @@ __all__ = [
     "IWAE_ELBO",
     "LOSSES",
     "DeviceTrace_ELBO",
+    "Enum_ELBO",
+    "FreeBits_ELBO",
     "JitELBO",
     "LatentWeight",
     "MeanField_ELBO",
+    "SumsEnumerated",
+    "enum_elbo",
+    "free_bits_elbo",
     "iwae",
     "make_loss",
     "mean_field_elbo",

@@ -84,6 +84,7 @@ class Stream(enum.IntEnum):
     TEST_ELBO = 1  # (epoch, shard): the per-epoch test ELBO of one test slice
     EVALUATION = 2  # (shard,): the final importance-sampled bounds of one test slice
     LAYERS = 3  # (): the per-layer KL and active units, computed whole by the main process
+    VALIDATION = 4  # (epoch,): the validation score after an epoch, the same in every process
 
 
 def derive_seed(seed: int, *keys: int) -> int:

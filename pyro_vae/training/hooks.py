@@ -8,6 +8,7 @@ The loop calls every hook, in the order given, at each event:
         on_step_start              before each step
         on_step_end(loss)          after it, the state counted (``loop.state.step`` is the steps done)
       on_epoch_steps_end           the epoch's steps done, its figures not computed yet
+      on_epoch_scores(scores)      a hook may add figures of the epoch to ``scores`` (``valid_elbo``)
       on_epoch_end(record)         the epoch recorded; the state stands at the next epoch
     on_fit_end                     always, also after an exception
 
@@ -69,6 +70,16 @@ class Loop(Protocol):
     saved_at: int | None
 
     @property
+    def optimizer(self) -> Any:
+        """The step's optimizer (a JointAdam, or Pyro's per-parameter Adam)."""
+        ...
+
+    @property
+    def model(self) -> Any:
+        """The model being trained."""
+        ...
+
+    @property
     def at_sync(self) -> bool:
         """Whether this step is one where reading a value back from the device is allowed."""
         ...
@@ -94,6 +105,9 @@ class Hook:
         pass
 
     def on_epoch_steps_end(self, loop: Loop) -> None:
+        pass
+
+    def on_epoch_scores(self, loop: Loop, scores: dict[str, float]) -> None:
         pass
 
     def on_epoch_end(self, loop: Loop, record: EpochRecord) -> None:
@@ -202,12 +216,19 @@ class EpochLog(Hook):
         self.seconds.append(record.seconds)
         left = (loop.config.epochs - record.epoch) * sum(self.seconds) / len(self.seconds)
         test = "-" if record.test_elbo is None else f"{record.test_elbo:.3f}"
+        valid = (
+            ""
+            if record.valid_elbo is None
+            else f", valid {'ELBO' if loop.config.valid_samples == 1 else f'IWAE_{loop.config.valid_samples}'}"
+            f" {record.valid_elbo:.3f}"
+        )
         LOGGER.info(
-            "epoch %d/%d: train ELBO %.3f, test ELBO %s nats per datum; %.2f s, about %.0f s left",
+            "epoch %d/%d: train ELBO %.3f, test ELBO %s%s nats per datum; %.2f s, about %.0f s left",
             record.epoch,
             loop.config.epochs,
             record.train_elbo,
             test,
+            valid,
             record.seconds,
             left,
         )

@@ -42,6 +42,7 @@ from .hooks import (
     RefuseEndless,
     StopOnInterrupt,
 )
+from .schedules import LearningRateSchedule
 from .state import (
     EpochRecord,
     TrainingState,
@@ -52,6 +53,7 @@ from .state import (
     save_checkpoint,
 )
 from .svi import AsyncSVI, TrainStep, warmup_weight
+from .validation import BEST_FILE, BestCheckpoint, Validation
 
 __all__ = ["AsyncSVI", "EpochRecord", "FitResult", "fit", "mean_elbo", "resolve_device", "warmup_weight"]
 
@@ -103,6 +105,7 @@ def fit(
     train: torch.Tensor,
     *,
     test: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
     config: TrainConfig | None = None,
     epochs: int = 50,
     batch_size: int = 128,
@@ -117,6 +120,13 @@ def fit(
     device: DeviceLike = "auto",
     fused_adam: bool = True,
     jit: bool = False,
+    free_bits: float | None = None,
+    lr_schedule: str = "constant",
+    lr_step_epochs: int | None = None,
+    lr_gamma: float = 0.1,
+    lr_min: float = 0.0,
+    eval_every: int | None = None,
+    valid_samples: int = 1,
     dynamic_binarization: bool = False,
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
@@ -176,6 +186,14 @@ def fit(
     ``hooks`` are called after the built-in ones at every event (see
     :mod:`pyro_vae.training.hooks`).
 
+    ``lr_schedule`` sets the learning rate of every epoch (constant, Burda et
+    al.'s stages, step or cosine; :mod:`pyro_vae.training.schedules`). With
+    ``eval_every`` = N, the validation data ``valid`` [N_valid, D] (used as
+    given, like ``test``) are scored after every N-th epoch and after the last
+    (the ELBO, or IWAE_K with ``valid_samples`` = K > 1; the history's
+    ``valid_elbo``), and with a ``checkpoint`` the weights of the best-scoring
+    epoch are kept in ``best.pt`` beside it (:mod:`pyro_vae.training.validation`).
+
     ``shards=S`` cuts every minibatch into S shards of M / S points, each with
     its own random streams seeded by (seed, step, shard), and steps on the mean
     of their gradients (see :mod:`pyro_vae.training.distributed`). In a process
@@ -200,13 +218,20 @@ def fit(
     checkpoint = _checkpoint_path(checkpoint, every=checkpoint_every, resume=resume)
     description = describe_model(model_config)
     _check_data(model, train, "training", dynamic_binarization=dynamic_binarization)
-    if test is not None:
-        _check_data(model, test, "test", dynamic_binarization=False)
-        if test.shape[1:] != train.shape[1:]:
+    for what, held in (("test", test), ("validation", valid)):
+        if held is None:
+            continue
+        _check_data(model, held, what, dynamic_binarization=False)
+        if held.shape[1:] != train.shape[1:]:
             raise PyroVAEError(
-                f"the test data have shape [N, {', '.join(map(str, test.shape[1:]))}] and the training data "
+                f"the {what} data have shape [N, {', '.join(map(str, held.shape[1:]))}] and the training data "
                 f"[N, {', '.join(map(str, train.shape[1:]))}]; give both the same width"
             )
+    if config.eval_every is not None and valid is None:
+        raise PyroVAEError(
+            "eval_every scores a validation split, and none was given; pass valid= (on the command line: "
+            "--validation N or a fraction, or a data set with its own valid split), or drop eval_every"
+        )
     num_data = train.shape[0]
     if config.batch_size > num_data:
         raise PyroVAEError(
@@ -217,6 +242,7 @@ def fit(
     model.to(run_device)  # type: ignore[attr-defined]
     train = train.to(run_device)
     test = test.to(run_device) if test is not None else None
+    valid = valid.to(run_device) if valid is not None and config.eval_every is not None else None
     # Binary stand-ins for grey data under dynamic binarization, so the likelihood's support check passes.
     sample = train[:2].round() if dynamic_binarization else train[:2]
     with pyro.get_param_store().scope():  # a store of its own: validation leaves no parameter behind
@@ -234,9 +260,13 @@ def fit(
     show = (sys.stderr.isatty() if progress is None else progress) and feeder.is_main
     # In this order at every event: nothing reads a bad loss, and the bar has counted a step before it stops.
     built_in = [
+        *([LearningRateSchedule()] if config.lr_schedule != "constant" else []),
         NaNGuard(),
         ProgressBar(show=show),
         StopOnInterrupt(),
+        *([Validation(valid)] if valid is not None else []),
+        # Before the checkpoint, whose history names the best epoch: best.pt is on disk by then.
+        *([BestCheckpoint(checkpoint.with_name(BEST_FILE))] if valid is not None and checkpoint else []),
         Checkpoints(every=checkpoint_every),
         RefuseEndless(),  # after the epoch's checkpoint: a refusal loses nothing
         *([EpochLog()] if feeder.is_main else []),
@@ -289,6 +319,10 @@ class _Loop:
     hooks: Sequence[Hook]
 
     @property
+    def optimizer(self) -> Any:
+        return self.step.optim
+
+    @property
     def at_sync(self) -> bool:
         # Every step on the CPU, where a read-back is free; on a GPU only as often as the bar refreshes.
         return self.device.type == "cpu" or self.state.step % REFRESH_EVERY == 0
@@ -316,7 +350,15 @@ class _Loop:
         test_elbo = (
             None if self.test is None else self.feeder.test_elbo(self.model, self.test, epoch=state.epoch)
         )
-        record = EpochRecord(state.epoch, train_elbo, test_elbo, time.perf_counter() - start)
+        scores: dict[str, float] = {}
+        self._emit("on_epoch_scores", scores)  # the validation score, on the epochs that have one
+        record = EpochRecord(
+            state.epoch,
+            train_elbo,
+            test_elbo,
+            time.perf_counter() - start,
+            valid_elbo=scores.get("valid_elbo"),
+        )
         state.finish_epoch(record)
         self._emit("on_epoch_end", record)
 

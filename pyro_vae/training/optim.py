@@ -67,7 +67,7 @@ class JointAdam(PyroOptim):
             new = [p for p in params if id(p) not in self._ids]
             if new:
                 names = self._names(new)
-                self.optimizer.add_param_group({"params": [p for _, p in names]})
+                self.optimizer.add_param_group({"params": [p for _, p in names], "lr": self.lr})
                 self.names += [name for name, _ in names]
                 self._ids.update(id(p) for p in new)
         self.optimizer.step()  # type: ignore[union-attr]
@@ -94,6 +94,16 @@ class JointAdam(PyroOptim):
                     f"({', '.join(pending['names'][:3])}, ...); resume with the model it was saved with"
                 )
             self.optimizer.load_state_dict(pending["adam"])
+            self.set_lr(self.lr)  # the rate set for this epoch, not the one saved with the state
+
+    def set_lr(self, lr: float) -> None:
+        """Step with the learning rate ``lr`` from now on (a schedule's rate of the epoch)."""
+        if not lr > 0:
+            raise PyroVAEError(f"JointAdam needs a positive learning rate, got {lr!r}")
+        self.lr = float(lr)
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
 
     def get_state(self) -> dict[str, Any]:
         if self.optimizer is None:
@@ -114,3 +124,4 @@ class JointAdam(PyroOptim):
             if state["names"] != self.names:
                 raise PyroVAEError("the saved optimizer state is for other parameters")
             self.optimizer.load_state_dict(state["adam"])
+            self.set_lr(self.lr)

@@ -26,6 +26,7 @@ with other settings, another model or other data.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -64,12 +65,17 @@ SEALED = "pyro_vae.sealed/1"
 
 @dataclass(frozen=True)
 class EpochRecord:
-    """Per-datum ELBOs in nats after one epoch, and its wall time."""
+    """Per-datum ELBOs in nats after one epoch, and its wall time.
+
+    ``valid_elbo`` is the validation score of the epochs where one was computed (``TrainConfig.eval_every``):
+    the ELBO, or the IWAE_K bound with ``valid_samples`` K > 1; None otherwise.
+    """
 
     epoch: int
     train_elbo: float
     test_elbo: float | None
     seconds: float
+    valid_elbo: float | None = None
 
 
 @dataclass(kw_only=True)
@@ -167,7 +173,8 @@ def check_resumable(
     position in the epoch contradicts its data order, is refused as damaged.
     """
     _check_complete(saved)
-    ours, theirs = config.to_dict(), dict(saved["train_config"])
+    # A checkpoint from before an option existed was trained with its default.
+    ours, theirs = config.to_dict(), {**_TRAIN_DEFAULTS, **saved["train_config"]}
     then, now = theirs.get("shards"), ours["shards"]
     if then != now:
         # Each shard draws from its own random streams, so the shard count is part of what is computed.
@@ -204,6 +211,16 @@ def check_resumable(
         raise PyroVAEError(
             f"the checkpoint has finished {saved['epoch'] - 1} epochs, more than --epochs {config.epochs}"
         )
+    started = saved["train_config"].get("epochs")
+    if config.lr_schedule == "cosine" and config.epochs != started:
+        raise PyroVAEError(
+            f"the cosine schedule spans the run's --epochs, {started} when it was started; resume with "
+            f"--epochs {started} (other epochs would change the rates of the epochs already trained)"
+        )
+
+
+# Every TrainConfig field and its default: what a checkpoint from before the field existed was trained with.
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 def _check_complete(saved: Mapping[str, Any]) -> None:

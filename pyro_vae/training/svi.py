@@ -100,7 +100,9 @@ class TrainStep:
             )
         optimizer = JointAdam(lr=config.lr) if config.fused_adam else pyro.optim.Adam({"lr": config.lr})
         objective = feeder.objective(
-            make_loss(config.loss, num_particles=config.num_particles, jit=config.jit)
+            make_loss(
+                config.loss, num_particles=config.num_particles, jit=config.jit, free_bits=config.free_bits
+            )
         )
         self.svi = AsyncSVI(model_fn, guide_fn, optimizer, loss=objective)
         self.svi.clip_norm = config.clip_norm
