@@ -16,12 +16,23 @@ log-density kernel: ``auto`` (the evaluator's default: fused by torch.compile
 from 2^22 (datum, sample) rows on, as in the full 10,000 x 5,000 run), ``on`` or
 ``off``; the warm-up call, which compiles, is timed apart.
 
+Memory: the passes are sized to ``--max-memory`` (default 2 GiB) from the model's
+measured bytes per (datum, sample) row (:func:`pyro_vae.resources.plan_passes`);
+the planned pass, the process's peak resident memory (``peak_rss_mib``) and what
+the evaluation added to the resident memory it started from (``added_rss_mib``)
+are printed. ``--prior vamp`` (or ``mixture``) with ``--prior-components 500``
+is the case whose log p(z) holds a [rows, 500, latent] tensor: 65k rows a pass
+would need about 5 GB.
+
     python benchmarks/bench_eval.py --data-dir ../shared/datasets --limit 200 --num-samples 5000
+    python benchmarks/bench_eval.py --data-dir ../shared/datasets --limit 100 --num-samples 1000 --prior vamp
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import sys
 import time
 
 import pyro
@@ -29,7 +40,25 @@ import torch
 
 from pyro_vae import DataError, ModelConfig, build_vae, evaluate_bounds, load_dataset, prepare_split
 from pyro_vae.components.kernels import AUTO_ROWS
+from pyro_vae.inference.conditioning import per_datum_pair
+from pyro_vae.inference.traces import MAX_MEMORY, traced_weights
+from pyro_vae.resources import memory_size, plan_passes
 from pyro_vae.training.loop import resolve_device
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux: /proc/self/statm), or its peak so far elsewhere."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return peak_resident_bytes()
+
+
+def peak_resident_bytes() -> int:
+    """The peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _sync(device: torch.device) -> None:
@@ -73,19 +102,45 @@ def main(args: argparse.Namespace) -> float:
         source = "random binary 784-pixel images (MNIST files not found)"
     x = x[: args.limit].to(device)
     pyro.set_rng_seed(0)
-    vae = build_vae(ModelConfig(data_dim=784, latent_dims=(latent,), hidden_dims=(hidden,))).to(device)
+    options = {} if args.prior == "standard-normal" else {"num_components": args.prior_components}
+    vae = build_vae(
+        ModelConfig(
+            data_dim=784,
+            latent_dims=(latent,),
+            hidden_dims=(hidden,),
+            prior=args.prior,
+            prior_options=options,
+        )
+    ).to(device)
+    pair = per_datum_pair(vae.model, vae.guide, x)
+    sizes = plan_passes(
+        lambda xs, k: traced_weights(
+            pair.model, pair.guide, xs, num_samples=k, max_plate_nesting=pair.max_plate_nesting
+        ),
+        x,
+        num_samples=args.num_samples,
+        chunk_size=args.chunk_size,
+        max_memory=args.max_memory,
+    )  # the sizes evaluate_bounds plans for all of x (each round's slice is planned alike)
 
     rows = x.shape[0] * args.num_samples
     fuse = {"auto": rows >= AUTO_ROWS, "on": True, "off": False}[args.compile]
     start = time.perf_counter()
     evaluate_bounds(
-        vae.model, vae.guide, x[:2], num_samples=args.chunk_size, chunk_size=args.chunk_size, compile=fuse
+        vae.model,
+        vae.guide,
+        x[:2],
+        num_samples=sizes.particles,
+        chunk_size=sizes.particles,
+        max_memory=args.max_memory,
+        compile=fuse,
     )  # warm-up, and the compilation of the fused log-density when there is one
     warmup = time.perf_counter() - start
+    rss_before = resident_bytes()
     # The machine's speed drifts over a long run (the matmul rate alone moved from 124 to 167 GFLOP/s
     # between runs here), so the data are evaluated in rounds with the matmul reference timed between
     # them: both rates are taken over the same stretch of time.
-    rows_per_pass = args.chunk_size * max(1, 65536 // args.chunk_size)
+    rows_per_pass = sizes.rows  # the reference multiplies the evaluator's pass shapes
     seconds, matmul_seconds, matmul_flops = 0.0, 0.0, 0.0
     for part in x.tensor_split(min(args.rounds, x.shape[0])):
         _sync(device)
@@ -96,6 +151,7 @@ def main(args: argparse.Namespace) -> float:
             part,
             num_samples=args.num_samples,
             chunk_size=args.chunk_size,
+            max_memory=args.max_memory,
             diagnostics=not args.no_khat,
             compile=fuse,
         )
@@ -104,22 +160,41 @@ def main(args: argparse.Namespace) -> float:
         rate, elapsed = matmul_rate(rows_per_pass, latent, hidden, 784, device, repeats=2)
         matmul_seconds += elapsed
         matmul_flops += rate * elapsed
+    peak_rss = peak_resident_bytes()
+    added = max(0, peak_rss - rss_before)
     achieved = rows * decoder_flops_per_row(latent, hidden, 784) / seconds
     reference = matmul_flops / matmul_seconds
     fraction = achieved / reference
+    mib = 1024**2
     print(f"device {device}, torch {torch.__version__}, pyro {pyro.__version__}; data: {source}")
     print(
         f"fused log-density: {'compiled' if fuse else 'eager'} (--compile {args.compile}); "
         f"warm-up {warmup:.1f} s, not counted below"
     )
+    prior = (
+        args.prior
+        if args.prior == "standard-normal"
+        else f"{args.prior} ({args.prior_components} components)"
+    )
     print(
-        f"{'data points':>12} {'K':>6} {'seconds':>9} {'rows/s':>12} {'GFLOP/s':>9} {'matmul GFLOP/s':>15} {'fraction':>9}"
+        f"prior {prior}; budget {args.max_memory / mib:.0f} MiB: passes of {sizes.particles} samples x "
+        f"{sizes.data} data points, {sizes.row_bytes / 1024:.1f} KiB a row measured, "
+        f"{sizes.bytes / mib:.0f} MiB planned"
+    )
+    print(
+        f"{'data points':>12} {'K':>6} {'seconds':>9} {'rows/s':>12} {'GFLOP/s':>9} {'matmul GFLOP/s':>15} "
+        f"{'fraction':>9} {'peak_rss_MiB':>13} {'added_MiB':>10}"
     )
     print(
         f"{x.shape[0]:>12} {args.num_samples:>6} {seconds:>9.2f} {rows / seconds:>12.3g} {achieved / 1e9:>9.1f} "
-        f"{reference / 1e9:>15.1f} {fraction:>9.3f}"
+        f"{reference / 1e9:>15.1f} {fraction:>9.3f} {peak_rss / mib:>13.1f} {added / mib:>10.1f}"
     )
     print(f"matmul_fraction={fraction:.4f}")
+    print(f"peak_rss_mib={peak_rss / mib:.1f}")
+    # What the timed evaluations (and the matmul reference between them) added to the memory they started
+    # from, against the budget: the peak of the whole process also holds the data, weights and libraries.
+    print(f"added_rss_mib={added / mib:.1f}")
+    print(f"within_budget={added <= args.max_memory}")
     return fraction
 
 
@@ -130,7 +205,20 @@ if __name__ == "__main__":
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--limit", type=int, default=10_000, help="number of test images")
     parser.add_argument("--num-samples", type=int, default=5000)
-    parser.add_argument("--chunk-size", type=int, default=1000, help="samples per vectorized pass")
+    parser.add_argument("--chunk-size", type=int, default=1000, help="samples per vectorized pass (at most)")
+    parser.add_argument(
+        "--max-memory",
+        type=memory_size,
+        default=MAX_MEMORY,
+        help="bytes (or 2GiB, 512MiB) an evaluation pass may add; the passes are sized to it",
+    )
+    parser.add_argument(
+        "--prior",
+        choices=("standard-normal", "mixture", "vamp"),
+        default="standard-normal",
+        help="vamp or mixture: a K-component prior, the dear case for memory",
+    )
+    parser.add_argument("--prior-components", type=int, default=500, help="K of --prior vamp or mixture")
     parser.add_argument(
         "--rounds",
         type=int,

@@ -4,6 +4,14 @@ The same network as ``build_vae(ModelConfig(data_dim=784, latent_dims=(50,), hid
 (softplus MLPs, a diagonal Gaussian guide with softplus scales, a Bernoulli
 likelihood on logits) and the same single-sample Monte-Carlo ELBO that
 Trace_ELBO estimates, with torch.optim.Adam over all parameters at once.
+
+``ReferenceVAE(log1p_free=True)`` computes the softplus activations and the
+Bernoulli log-density with pyro_vae's own kernels
+(:mod:`pyro_vae.components.softplus`: no ``log1p``, hand-written backward
+passes), which pyro_vae's default MLP and Bernoulli likelihood use; with the
+default ``False`` it uses torch's ``nn.Softplus`` and
+``binary_cross_entropy_with_logits``, as a VAE written by hand usually does.
+Both compute the same numbers to float rounding.
 """
 
 from __future__ import annotations
@@ -14,16 +22,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pyro_vae.components.softplus import Softplus, bernoulli_logits_log_prob
+
 _LOG_2PI = math.log(2 * math.pi)
 
 
 class ReferenceVAE(nn.Module):
-    def __init__(self, data_dim: int = 784, hidden: int = 400, latent: int = 50) -> None:
+    def __init__(
+        self, data_dim: int = 784, hidden: int = 400, latent: int = 50, *, log1p_free: bool = False
+    ) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(data_dim, hidden), nn.Softplus())
+        self.log1p_free = log1p_free
+        activation = Softplus if log1p_free else nn.Softplus
+        self.encoder = nn.Sequential(nn.Linear(data_dim, hidden), activation())
         self.loc = nn.Linear(hidden, latent)
         self.raw_scale = nn.Linear(hidden, latent)
-        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.Softplus(), nn.Linear(hidden, data_dim))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), activation(), nn.Linear(hidden, data_dim))
 
     def copy_from(self, vae: nn.Module) -> ReferenceVAE:
         """Take the weights of a pyro_vae ``VAE`` of the same shape."""
@@ -42,7 +56,10 @@ class ReferenceVAE(nn.Module):
         eps = torch.randn_like(loc)
         z = loc + scale * eps
         logits = self.decoder(z)
-        log_lik = -F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        if self.log1p_free:
+            log_lik = bernoulli_logits_log_prob(logits, x).sum()  # [M] per datum, then summed
+        else:
+            log_lik = -F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
         log_prior = -0.5 * (z.pow(2).sum() + z.numel() * _LOG_2PI)
         log_q = -0.5 * (eps.pow(2).sum() + z.numel() * _LOG_2PI) - scale.log().sum()
         return -(num_data / x.shape[0]) * (log_lik + log_prior - log_q)

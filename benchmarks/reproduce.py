@@ -42,7 +42,18 @@ from dataclasses import dataclass, field
 __all__ = ["ROWS", "Row", "main"]
 
 # Burda et al.'s networks: tanh, x <-> 200 <-> 200 <-> z1 (50, or 100 with a second layer 100 <-> 100 <-> z2 (50)).
-ONE_LAYER = ("--hidden-dims", "200,200", "--latent-dims", "50", "--activation", "tanh")
+# The decoder's output bias starts at logit(mean training pixel), as common reproductions do (and as pyro-vae
+# train does by itself for several latent layers).
+ONE_LAYER = (
+    "--hidden-dims",
+    "200,200",
+    "--latent-dims",
+    "50",
+    "--activation",
+    "tanh",
+    "--output-bias",
+    "mean",
+)
 TWO_LAYERS = (
     "--hidden-dims",
     "200,200",
@@ -52,6 +63,14 @@ TWO_LAYERS = (
     "100,100",
     "--activation",
     "tanh",
+    "--output-bias",
+    "mean",
+    # Their inference and training as written: bottom-up, no KL warm-up (pyro-vae train's defaults for
+    # several layers are the ladder with warm-up).
+    "--inference",
+    "bottom-up",
+    "--warmup-epochs",
+    "0",
 )
 DYNAMIC = ("--dataset", "mnist", "--binarize", "dynamic")
 STATIC = ("--dataset", "binarized-mnist")
@@ -118,7 +137,8 @@ class Row:
 def _burda(layers: int, loss: str, k: int, published: float, **measured: object) -> Row:
     name = f"burda-dyn-{'vae' if loss == 'elbo' else 'iwae'}{layers}-k{k}"
     objective = ("--loss", loss, "--num-particles", str(k))
-    # An epoch costs about k times more: the CPU budget shrinks with it (about an hour on one thread).
+    # An epoch costs about k times more: the CPU budget shrinks with it (about an hour on one thread), and the
+    # rate falls to 0 by a cosine over it (a constant 1e-3 for 400 epochs ended 1.8 nats worse, 89.68).
     cpu_epochs = {1: 400, 5: 100, 50: 12}[k]
     return Row(
         name=name,
@@ -128,7 +148,7 @@ def _burda(layers: int, loss: str, k: int, published: float, **measured: object)
         published=published,
         eval_samples=5000,
         flags=(*DYNAMIC, *(ONE_LAYER if layers == 1 else TWO_LAYERS), *objective),
-        cpu=("--epochs", str(cpu_epochs)),
+        cpu=("--epochs", str(cpu_epochs), "--lr-schedule", "cosine"),
         gpu=BURDA_BUDGET,
         **measured,  # type: ignore[arg-type]
     )
@@ -140,10 +160,11 @@ ROWS: tuple[Row, ...] = (
         "elbo",
         1,
         86.76,
-        ours=89.68,
-        ours_note="K=5000, all 10,000 test images, 400 epochs at a constant 1e-3, 60 min on one shared CPU thread",
-        notes="measured 2026-12-01 (`--epochs 400`, constant rate; the goal <= 88.0 is not met): test ELBO -95.29, "
-        "IWAE_50 -90.95; PSIS k-hat > 0.7 for 97% of test images",
+        ours=87.92,
+        ours_note="K=5000, all 10,000 test images, 400 epochs, cosine from 1e-3, output bias at the mean pixel, "
+        "62 min of training on one shared CPU thread",
+        notes="measured 2026-12-01 (goal <= 88.0: met): test ELBO -91.54, IWAE_50 -88.64; PSIS k-hat > 0.7 for "
+        "87% of test images. At a constant 1e-3 with the bias at 0 the same 400 epochs gave 89.68",
     ),
     _burda(1, "elbo", 5, 86.47),
     _burda(1, "elbo", 50, 86.35),
@@ -163,14 +184,14 @@ ROWS: tuple[Row, ...] = (
         published=89.9,
         eval_samples=5000,
         flags=(*STATIC, *ONE_LAYER, "--loss", "elbo"),
-        cpu=("--epochs", "400", "--eval-every", "5"),
-        gpu=(*BURDA_BUDGET, "--eval-every", "10"),
+        cpu=("--epochs", "300", "--lr-schedule", "cosine", "--eval-every", "10", "--valid-samples", "100"),
+        gpu=(*BURDA_BUDGET, "--eval-every", "10", "--valid-samples", "100"),
         best=True,
-        ours=91.86,
-        ours_note="K=5000, all 10,000 test images, best.pt of 400 epochs (epoch 135) at a constant 1e-3, "
-        "21 min of training on one shared CPU thread",
-        notes="Burda et al.'s one-layer network (not the paper's DLGM); the weights of the best epoch on the "
-        "valid file (10,000 images), scored on all 10,000 test images",
+        ours=89.87,
+        ours_note="K=5000, all 10,000 test images, best.pt by IWAE_100 on the valid file (epoch 300 of 300), cosine "
+        "from 1e-3, output bias at the mean pixel, 59 min of training on one shared CPU thread",
+        notes="Burda et al.'s one-layer network (not the paper's DLGM); measured 2026-12-01 (goal within 0.5 of "
+        "89.9: met). At a constant 1e-3, the bias at 0 and the best epoch by the validation ELBO it gave 91.86",
     ),
     Row(
         name="static-iwae-k50",
@@ -179,7 +200,7 @@ ROWS: tuple[Row, ...] = (
         published=87.10,
         eval_samples=5000,
         flags=(*STATIC, *ONE_LAYER, "--loss", "iwae", "--num-particles", "50"),
-        cpu=("--epochs", "12", "--eval-every", "2"),
+        cpu=("--epochs", "12", "--lr-schedule", "cosine", "--eval-every", "2", "--valid-samples", "100"),
         gpu=(*BURDA_BUDGET, "--eval-every", "10"),
         best=True,
     ),

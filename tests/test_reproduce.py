@@ -11,6 +11,7 @@ from pathlib import Path
 from pyro_vae import TrainConfig
 from pyro_vae.cli.main import parser
 from pyro_vae.cli.options import dataclass_from_args
+from pyro_vae.cli.train import fill_several_layer_defaults
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
 
@@ -57,6 +58,7 @@ def test_every_dry_run_command_is_one_pyro_vae_accepts():
             assert command[0] == "pyro-vae"
             args = parser().parse_args(command[1:])
             if args.command == "train":
+                fill_several_layer_defaults(args)  # as pyro-vae train does before it builds TrainConfig
                 config = dataclass_from_args(TrainConfig, args)  # the options TrainConfig accepts
                 assert ("--device" in command) == (budget == "gpu")
                 if budget == "gpu" and "burda" in command[-1]:

@@ -21,9 +21,10 @@ from ..inference.ais import AnnealingSettings
 from ..inference.bounds import Bounds
 from ..inference.evaluators import EVALUATORS, EvaluationOptions, importance_report, run_evaluator
 from ..inference.gaps import GapSettings
-from ..inference.importance import evaluate_bounds
-from ..inference.layers import latent_layers
+from ..inference.importance import evaluate_bounds, latent_layers_within
+from ..inference.traces import MAX_MEMORY
 from ..io.run import Run, load_run, save_evaluation
+from ..resources import format_bytes, memory_size
 from ..training.distributed import DataParallel, Stream
 from ..training.loop import resolve_device
 from ..training.state import load_weights
@@ -38,7 +39,36 @@ from .options import (
 )
 from .printing import fit_columns
 
-__all__ = ["add_parser", "evaluate_summary", "format_report", "khat_caveat", "run"]
+__all__ = [
+    "add_max_memory_argument",
+    "add_parser",
+    "evaluate_summary",
+    "format_report",
+    "khat_caveat",
+    "memory_option",
+    "run",
+]
+
+
+def memory_option(text: str) -> int:
+    """``--max-memory``: bytes, or a size with a unit (2GiB, 512MiB, 1.5GB)."""
+    try:
+        return memory_size(text)
+    except PyroVAEError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_max_memory_argument(parser: Any, flag: str = "--max-memory", *, what: str = "an evaluation") -> None:
+    """The memory budget of ``what``'s importance-sampling passes, the flag of every command that evaluates."""
+    parser.add_argument(
+        flag,
+        type=memory_option,
+        default=format_bytes(MAX_MEMORY).replace(" ", ""),  # text: argparse parses it, and shows it in --help
+        metavar="SIZE",
+        help=f"memory the vectorized passes of {what} may add, e.g. 8GiB or 512MiB: the particles and data "
+        "points per pass are sized to it from the model's measured bytes per (datum, particle) row; a run "
+        "that cannot fit one row is refused",
+    )
 
 
 def add_parser(commands: Any) -> None:
@@ -58,8 +88,12 @@ def add_parser(commands: Any) -> None:
     )
     evaluate.add_argument("--split", default="test", choices=("train", "valid", "test"))
     evaluate.add_argument(
-        "--chunk-size", type=positive(int), default=1000, help="samples per vectorized pass"
+        "--chunk-size",
+        type=positive(int),
+        default=1000,
+        help="samples per vectorized pass (at most: --max-memory may take fewer)",
     )
+    add_max_memory_argument(evaluate, what="--method is, ais and bdmc")
     evaluate.add_argument(
         "--limit", type=positive(int), default=None, help="evaluate the first N data points only"
     )
@@ -111,14 +145,32 @@ def format_report(summary: dict[str, Any], *, title: str) -> str:
 
 
 def evaluate_summary(
-    vae: VAEModel, x: torch.Tensor, *, num_samples: int, chunk_size: int, seed: int, shards: int | None = None
+    vae: VAEModel,
+    x: torch.Tensor,
+    *,
+    num_samples: int,
+    chunk_size: int,
+    seed: int,
+    shards: int | None = None,
+    max_memory: int | None = MAX_MEMORY,
 ) -> dict[str, Any]:
-    """The bounds of :func:`~pyro_vae.inference.evaluate_bounds` and the per-layer report, as one JSON-able dict."""
+    """The bounds of :func:`~pyro_vae.inference.evaluate_bounds` and the per-layer report, as one JSON-able dict.
+
+    ``max_memory`` (bytes) bounds what each pass adds (:func:`~pyro_vae.resources.plan_passes`).
+    """
     layers_samples = min(num_samples, 100)
+
+    def layers_of(xs: torch.Tensor) -> list[dict[str, Any]]:
+        return latent_layers_within(
+            vae.model, vae.guide, xs, num_samples=layers_samples, max_memory=max_memory
+        )
+
     if shards is None:
         pyro.set_rng_seed(seed)
-        bounds = evaluate_bounds(vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk_size)
-        layers = latent_layers(vae.model, vae.guide, x, num_samples=layers_samples)
+        bounds = evaluate_bounds(
+            vae.model, vae.guide, x, num_samples=num_samples, chunk_size=chunk_size, max_memory=max_memory
+        )
+        layers = layers_of(x)
     else:
         # Slice s of x drawn from the stream (seed, EVALUATION, s) by the process that owns shard s, the
         # per-datum results gathered in slice order: the same numbers on any number of processes.
@@ -131,6 +183,7 @@ def evaluate_summary(
                 xs,
                 num_samples=num_samples,
                 chunk_size=chunk_size,
+                max_memory=max_memory,
                 progress=None if parallel.is_main else False,
             ),
             keys=(Stream.EVALUATION,),
@@ -139,7 +192,7 @@ def evaluate_summary(
         layers = []
         if parallel.is_main:  # needs all of x at once (the variance over x of E[z | x]); small K
             with parallel.seeded(Stream.LAYERS):
-                layers = latent_layers(vae.model, vae.guide, x, num_samples=layers_samples)
+                layers = layers_of(x)
     summary = bounds.summary(data_dim=x.shape[-1])
     summary["data_dim"] = x.shape[-1]
     summary["layers"] = layers
@@ -160,6 +213,7 @@ def _options(args: argparse.Namespace) -> EvaluationOptions:
         seed=args.seed,
         num_samples=args.num_samples,
         chunk_size=args.chunk_size,
+        max_memory=args.max_memory,
         annealing=dataclass_from_args(AnnealingSettings, args),
         gaps=GapSettings(
             optimize_steps=args.optimize_steps,

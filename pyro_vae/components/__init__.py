@@ -34,6 +34,7 @@ from .priors import (
     StandardNormal,
     VampPrior,
 )
+from .softplus import Softplus, bernoulli_logits_log_prob, softplus
 
 __all__ = [
     "ACTIVATIONS",
@@ -61,7 +62,10 @@ __all__ = [
     "MaskedAutoregressiveFlow",
     "Mixture",
     "Prior",
+    "Softplus",
     "StandardNormal",
     "StudentT",
     "VampPrior",
+    "bernoulli_logits_log_prob",
+    "softplus",
 ]

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import PyroVAEError
 from ..registry import Registry
+from .softplus import Softplus
 
 __all__ = [
     "ACTIVATIONS",
@@ -39,7 +40,7 @@ NETWORKS: Registry = Registry("network")
 # Activation functions by name (``ModelConfig.activation``); softplus is the default (as in Pyro's VAE
 # example), tanh the choice of Kingma & Welling (2014, appendix C) and Burda et al. (2016).
 ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "softplus": nn.Softplus,
+    "softplus": Softplus,  # nn.Softplus's function without its slow log1p (components/softplus.py)
     "tanh": nn.Tanh,
     "relu": nn.ReLU,
     "elu": nn.ELU,
@@ -73,7 +74,7 @@ class MLP(nn.Sequential):
         hidden_dims: Sequence[int],
         out_dim: int | None = None,
         *,
-        activation: type[nn.Module] = nn.Softplus,
+        activation: type[nn.Module] = Softplus,
     ) -> None:
         if in_dim < 1 or any(h < 1 for h in hidden_dims) or (out_dim is not None and out_dim < 1):
             raise PyroVAEError(

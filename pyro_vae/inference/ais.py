@@ -74,7 +74,7 @@ from ..components.kernels import AUTO_ROWS, compiled_kernels
 from ..errors import PyroVAEError
 from .conditioning import PerDatumPair, per_datum_pair
 from .progress import ChunkProgress
-from .traces import PARTICLE_PLATE, dry_traces, site_log_density
+from .traces import MAX_MEMORY, PARTICLE_PLATE, dry_traces, site_log_density
 
 __all__ = [
     "AIS_ROWS",
@@ -254,7 +254,15 @@ class _Site:
     moved_shape: torch.Size  # the unconstrained value's shape with the data dimension moved to 1
 
 
+def _component_support(support: constraints.Constraint) -> constraints.Constraint:
+    """A mixture's support is its components' (MixtureSameFamily wraps theirs, and biject_to knows only theirs)."""
+    while isinstance(support, constraints.MixtureSameFamilyConstraint):
+        support = support.base_constraint
+    return support
+
+
 def _unconstrained_base(support: constraints.Constraint) -> bool:
+    support = _component_support(support)
     while isinstance(support, constraints.independent):
         support = support.base_constraint
     return support is constraints.real
@@ -271,7 +279,7 @@ class LatentSpace:
             fn, value = site["fn"], site["value"]
             batch_rank = value.dim() - len(fn.event_shape)
             data_dim = next(f.dim for f in site["cond_indep_stack"] if f.name == "data")
-            transform = None if _unconstrained_base(fn.support) else biject_to(fn.support)
+            transform = None if _unconstrained_base(fn.support) else biject_to(_component_support(fn.support))
             u = value if transform is None else transform.inv(value)
             pos = batch_rank + data_dim
             self.sites.append(
@@ -585,6 +593,45 @@ def chunk_rows(settings: AnnealingSettings, data_chunk_size: int | None) -> int:
     return data_chunk_size or max(1, AIS_ROWS // max(settings.num_chains, settings.pilot_chains))
 
 
+def budgeted_chunk_rows(
+    pair: PerDatumPair,
+    x: torch.Tensor,
+    settings: AnnealingSettings,
+    data_chunk_size: int | None,
+    *,
+    fast: bool = True,
+    max_memory: int | None = MAX_MEMORY,
+) -> int:
+    """:func:`chunk_rows`, lowered where one HMC transition of a chunk's chains would not fit in ``max_memory``.
+
+    Measured as importance sampling's passes are (:func:`~pyro_vae.resources.plan_passes`, on a fork of
+    the random stream): one transition of the chains, its leapfrog steps and their gradients, on a few
+    data points; a plain VAE's chunks fit the default budget and are kept.
+    """
+    from ..resources import plan_passes  # resources imports inference: imported when first used
+
+    chains = max(settings.num_chains, settings.pilot_chains)
+    betas = annealing_schedule(2, kind="linear")  # one transition (at β = 1/2), then the last weight
+
+    def one_transition(xs: torch.Tensor, num_chains: int) -> torch.Tensor:
+        path = AnnealingPath(pair, xs, num_chains=num_chains, start=settings.start, fast=fast)
+        return anneal(path, path.draw_start(), betas, settings=settings, step_sizes=None)[0]
+
+    sizes = plan_passes(
+        one_transition,
+        x,
+        num_samples=chains,
+        chunk_size=chains,
+        data_chunk_size=chunk_rows(settings, data_chunk_size),
+        max_memory=max_memory,
+        held_bytes_per_sample=4 * 8,  # log w, and the chains' rows and momenta, float64 at most
+        split_particles=False,
+        what=f"annealed importance sampling with {chains} chains",
+        advice="lower --num-chains (or --pilot-chains)",
+    )
+    return sizes.data
+
+
 def fuse_kernels(settings: AnnealingSettings, x: torch.Tensor, num_data: int, *, passes: int = 1) -> bool:
     """Whether to compile the likelihood's elementwise log-density when ``compile=None``.
 
@@ -608,6 +655,7 @@ def ais(
     progress: bool | None = None,
     fast: bool = True,
     compile: bool | None = None,
+    max_memory: int | None = MAX_MEMORY,
 ) -> AISResult:
     """log p̂(x_i) by annealed importance sampling for every point of ``x`` [N, ...], with diagnostics.
 
@@ -619,13 +667,16 @@ def ais(
     gives the same numbers to rounding. ``compile`` runs the likelihood's elementwise
     log-density as one fused kernel (:mod:`pyro_vae.components.kernels`), forward and
     backward; ``None`` does so on the CPU for runs of at least ``AUTO_ROWS`` (datum, chain)
-    model evaluations (:func:`fuse_kernels`).
+    model evaluations (:func:`fuse_kernels`). ``max_memory`` (bytes, default 2 GiB) bounds what a
+    chunk's transitions add: fewer data points per chunk where they would not fit
+    (:func:`budgeted_chunk_rows`); ``None``: no budget.
     """
     _check_data(x, data_chunk_size)
     pair = per_datum_pair(model, guide, x)
     check_continuous(pair, x, method="annealed importance sampling")
     betas = annealing_schedule(settings.num_steps, kind=settings.schedule)
-    chunks = x.split(chunk_rows(settings, data_chunk_size))
+    size = budgeted_chunk_rows(pair, x, settings, data_chunk_size, fast=fast, max_memory=max_memory)
+    chunks = x.split(size)
     passes = 2 if settings.pilot_chains else 1
     fuse = fuse_kernels(settings, x, x.shape[0]) if compile is None else compile
     parts = []

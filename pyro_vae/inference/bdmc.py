@@ -45,13 +45,14 @@ from .ais import (
     AnnealingSettings,
     anneal,
     annealing_schedule,
+    budgeted_chunk_rows,
     check_continuous,
-    chunk_rows,
     fuse_kernels,
     pilot_step_sizes,
 )
 from .conditioning import PerDatumPair, per_datum_pair
 from .progress import ChunkProgress
+from .traces import MAX_MEMORY
 
 __all__ = ["BDMCResult", "bdmc", "simulate"]
 
@@ -129,12 +130,13 @@ def bdmc(
     progress: bool | None = None,
     fast: bool = True,
     compile: bool | None = None,
+    max_memory: int | None = MAX_MEMORY,
 ) -> BDMCResult:
     """Forward and reverse AIS on ``num_data`` points simulated from ``model`` (default: as many as ``like``).
 
     ``like`` [M, ...] is data of the model's shape; the pair is validated on it. Refuses models
     with discrete latents. Draws from torch's global generator. ``fast`` and ``compile`` are
-    :func:`~pyro_vae.inference.ais.ais`'s.
+    :func:`~pyro_vae.inference.ais.ais`'s, and so is ``max_memory``.
     """
     if not isinstance(like, torch.Tensor) or like.dim() < 1 or like.shape[0] == 0:
         raise PyroVAEError("like must be a non-empty tensor whose first dimension indexes data points")
@@ -145,7 +147,7 @@ def bdmc(
     check_continuous(pair, like, method="bidirectional Monte Carlo")
     x, latents = simulate(pair, like, num)
     betas = annealing_schedule(settings.num_steps, kind=settings.schedule)
-    size = chunk_rows(settings, data_chunk_size)
+    size = budgeted_chunk_rows(pair, x, settings, data_chunk_size, fast=fast, max_memory=max_memory)
     starts = range(0, num, size)
     passes = 3 if settings.pilot_chains else 2
     fuse = fuse_kernels(settings, like, num, passes=2) if compile is None else compile

@@ -35,8 +35,8 @@ from ..registry import Registry
 from .ais import AnnealingSettings, ais
 from .bdmc import bdmc
 from .gaps import GapSettings, gaps
-from .importance import evaluate_bounds
-from .layers import latent_layers
+from .importance import evaluate_bounds, latent_layers_within
+from .traces import MAX_MEMORY
 
 __all__ = ["EVALUATORS", "Evaluation", "EvaluationOptions", "importance_report", "run_evaluator"]
 
@@ -47,7 +47,8 @@ class EvaluationOptions:
 
     seed: int = 0
     num_samples: int = 1000  # is: K importance samples per datum
-    chunk_size: int = 1000  # is: samples per vectorized pass
+    chunk_size: int = 1000  # is: samples per vectorized pass (at most)
+    max_memory: int | None = MAX_MEMORY  # is, ais, bdmc: bytes a pass may add (plan_passes); None: none
     annealing: AnnealingSettings = field(default_factory=AnnealingSettings)  # ais, bdmc, gaps (log p̂(x))
     gaps: GapSettings = field(default_factory=GapSettings)
     num_simulated: int | None = None  # bdmc: data points simulated from the model (default: as many as x)
@@ -117,9 +118,16 @@ def importance_sampling(vae: VAEModel, x: torch.Tensor, *, options: EvaluationOp
     """Importance sampling with the guide as proposal: ELBO, IWAE-k, log p(x), PSIS k-hat (cheapest)."""
     pyro.set_rng_seed(options.seed)
     bounds = evaluate_bounds(
-        vae.model, vae.guide, x, num_samples=options.num_samples, chunk_size=options.chunk_size
+        vae.model,
+        vae.guide,
+        x,
+        num_samples=options.num_samples,
+        chunk_size=options.chunk_size,
+        max_memory=options.max_memory,
     )
-    layers = latent_layers(vae.model, vae.guide, x, num_samples=min(options.num_samples, 100))
+    layers = latent_layers_within(
+        vae.model, vae.guide, x, num_samples=min(options.num_samples, 100), max_memory=options.max_memory
+    )
     summary = {"method": "is", **bounds.summary(data_dim=x.shape[-1])}
     summary["data_dim"] = x.shape[-1]
     summary["layers"] = layers
@@ -138,6 +146,7 @@ def annealed_importance_sampling(vae: VAEModel, x: torch.Tensor, *, options: Eva
         settings=settings,
         data_chunk_size=options.data_chunk_size,
         progress=options.progress,
+        max_memory=options.max_memory,
     )
     summary = {"method": "ais", **result.summary()}
     report = [
@@ -164,6 +173,7 @@ def bidirectional_monte_carlo(vae: VAEModel, x: torch.Tensor, *, options: Evalua
         settings=settings,
         data_chunk_size=options.data_chunk_size,
         progress=options.progress,
+        max_memory=options.max_memory,
     )
     summary = {"method": "bdmc", **result.summary()}
     report = [

@@ -197,10 +197,22 @@ def _elbo(pair: PerDatumPair, guide: Any, xs: torch.Tensor, *, num_samples: int)
         )[0]
         return log_w.sum(0)  # [n] float64
 
-    chunk_size = max(1, ROWS_PER_PASS // xs.shape[0])
+    from ..resources import plan_passes  # resources imports inference: imported when first used
+
+    # Passes of at most ROWS_PER_PASS rows over all of xs, fewer particles where the default budget says so.
+    sizes = plan_passes(
+        one_pass,
+        xs,
+        num_samples=num_samples,
+        chunk_size=max(1, ROWS_PER_PASS // xs.shape[0]),
+        data_chunk_size=xs.shape[0],
+        held_bytes_per_sample=0,
+        split_data=False,  # the optimized guide's parameters are those of all of xs
+        what=f"the ELBO with {num_samples} draws",
+    )
     with torch.no_grad():
         (passes,) = chunked_passes(
-            one_pass, xs, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=xs.shape[0]
+            one_pass, xs, num_samples=num_samples, chunk_size=sizes.particles, data_chunk_size=xs.shape[0]
         )
     return torch.stack(passes).sum(0) / num_samples
 

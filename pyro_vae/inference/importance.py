@@ -34,6 +34,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pyro
 import torch
@@ -45,11 +46,12 @@ from ..components.kernels import AUTO_ROWS, compiled_kernels
 from ..errors import PyroVAEError, PyroVAETypeError
 from .bounds import Bounds, default_iwae_ks
 from .conditioning import per_datum_pair
+from .layers import latent_layers
 from .progress import log_chunk
 from .psis import MIN_SAMPLES_FOR_KHAT, psis_khat
-from .traces import LogWeights, chunked_passes, traced_weights
+from .traces import MAX_MEMORY, LogWeights, chunked_passes, traced_weights
 
-__all__ = ["check_sampling_args", "evaluate_bounds", "log_marginal"]
+__all__ = ["check_sampling_args", "evaluate_bounds", "latent_layers_within", "log_marginal"]
 
 LOGGER = logging.getLogger("pyro_vae.inference")
 
@@ -61,20 +63,22 @@ def check_sampling_args(
     chunk_size: int,
     data_chunk_size: int | None,
     model: object = None,
+    max_memory: int | None = None,
 ) -> None:
     """Reject, with a sentence each, the arguments every importance-sampling pass over ``x`` shares.
 
     ``x`` must be a non-empty floating-point tensor with real storage (not on
     the meta device), in float32 or float64 but not half precision, whose
     K log-weights per datum of a data chunk fit in memory
-    (:func:`~pyro_vae.resources.evaluation_bytes`). With ``model`` (the model
+    (:func:`~pyro_vae.resources.evaluation_bytes`); ``max_memory`` must be a whole
+    number of bytes or None (:func:`~pyro_vae.resources.check_memory_budget`). With ``model`` (the model
     function; a bound method of an ``nn.Module`` is checked against that
     module) ``x`` must also have the module's dtype and be data it can score:
     :func:`~pyro_vae.models.abilities.check_data`, its width, finite values and
     the support of its likelihood (grey values on a Bernoulli model are refused).
     """
     from ..models.abilities import check_data  # models import inference: imported when first used
-    from ..resources import check_fits, evaluation_bytes
+    from ..resources import check_fits, check_memory_budget, evaluation_bytes
 
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise PyroVAEError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -82,6 +86,7 @@ def check_sampling_args(
         raise PyroVAEError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if data_chunk_size is not None and data_chunk_size < 1:
         raise PyroVAEError(f"data_chunk_size must be a positive integer or None, got {data_chunk_size!r}")
+    check_memory_budget(max_memory)
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise PyroVAEError("x must be a non-empty tensor whose first dimension indexes data points")
     if x.device.type == "meta":
@@ -115,6 +120,7 @@ def evaluate_bounds(
     num_samples: int,
     chunk_size: int = 1000,
     data_chunk_size: int | None = None,
+    max_memory: int | None = MAX_MEMORY,
     iwae_ks: Sequence[int] | None = None,
     diagnostics: bool = True,
     progress: bool | None = None,
@@ -127,9 +133,24 @@ def evaluate_bounds(
     data points (default: as many as keep a pass near 65k particle-datum rows),
     on ``x``'s device, with no Python loop over data points. The K log-weights
     of a data chunk are held in float64 (K x data_chunk_size numbers) and
-    reduced at once. ``iwae_ks`` defaults to 1, 5, 50, ... up to K. Randomness
-    comes from torch's global generator; the same seed and chunk sizes give the
-    same numbers. ``compile`` runs the likelihood's elementwise log-density as
+    reduced at once. ``iwae_ks`` defaults to 1, 5, 50, ... up to K.
+
+    ``max_memory`` (bytes; default 2 GiB, :data:`~pyro_vae.inference.traces.MAX_MEMORY`)
+    bounds what a pass and its chunk's log-weights add to the memory in use: one
+    pass on a few rows measures the model's bytes per (datum, particle) row and
+    the passes are shrunk to fit (:func:`~pyro_vae.resources.plan_passes`;
+    ``chunk_size`` and ``data_chunk_size`` are upper bounds), or, when not one row
+    fits, :class:`PyroVAEError` says so; ``None``: no budget. A plain VAE's default
+    passes fit in the default budget and are kept; a 500-component mixture or
+    VampPrior gets fewer rows per pass.
+
+    Randomness comes from torch's global generator (the measuring pass runs on a
+    fork of it); the same seed, budget and chunk sizes give the same numbers. The
+    draws depend on how the passes are cut, so a budget that changes the pass
+    sizes gives another draw of the same estimator: the numbers then agree within
+    their Monte-Carlo error, not to the last digit (keeping the stream apart from
+    the pass sizes would need a generator per datum, which one vectorized draw
+    cannot have). ``compile`` runs the likelihood's elementwise log-density as
     one fused kernel (:mod:`pyro_vae.kernels`); ``None`` does so for evaluations
     of at least ``kernels.AUTO_ROWS`` (datum, sample) rows, where the seconds
     spent compiling are won back.
@@ -151,8 +172,15 @@ def evaluate_bounds(
     log q(z | x, c) - log q(c | x)]. A model whose only latent is enumerated is
     scored exactly, every particle alike.
     """
+    from ..resources import plan_passes  # resources imports inference: imported when first used
+
     check_sampling_args(
-        x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size, model=model
+        x,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        data_chunk_size=data_chunk_size,
+        model=model,
+        max_memory=max_memory,
     )
     ks = sorted(set(default_iwae_ks(num_samples) if iwae_ks is None else iwae_ks))
     if any(k < 1 or k > num_samples for k in ks):
@@ -170,14 +198,30 @@ def evaluate_bounds(
     def bar(data_chunks: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
         return tqdm(data_chunks, disable=not show, desc="log p(x)", unit="chunk", file=sys.stderr)
 
+    sizes = plan_passes(
+        one_pass,
+        x,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        data_chunk_size=data_chunk_size,
+        max_memory=max_memory,
+        what=f"importance sampling with K={num_samples}",
+    )
+    LOGGER.debug(
+        "log p(x) passes: %d particles x %d data points, %.0f bytes a row measured, budget %s bytes",
+        sizes.particles,
+        sizes.data,
+        sizes.row_bytes,
+        max_memory,
+    )
     done, start = 0, time.perf_counter()
     with torch.no_grad(), pyro.validation_enabled(False), poutine.block(), compiled_kernels(fuse):
         for passes in chunked_passes(
             one_pass,
             x,
             num_samples=num_samples,
-            chunk_size=chunk_size,
-            data_chunk_size=data_chunk_size,
+            chunk_size=sizes.particles,
+            data_chunk_size=sizes.data,
             wrap=bar,
         ):
             log_w = torch.cat([p.log_w for p in passes])  # [K, n] float64
@@ -245,6 +289,7 @@ def log_marginal(
     num_samples: int,
     chunk_size: int = 1000,
     data_chunk_size: int | None = None,
+    max_memory: int | None = MAX_MEMORY,
 ) -> torch.Tensor:
     """log p̂(x_i) = logsumexp_k [log p(x_i, z_k) - log q(z_k | x_i)] - log K for every datum: [N] float64.
 
@@ -257,7 +302,39 @@ def log_marginal(
         num_samples=num_samples,
         chunk_size=chunk_size,
         data_chunk_size=data_chunk_size,
+        max_memory=max_memory,
         iwae_ks=[1],
         diagnostics=False,
         progress=False,
     ).log_px
+
+
+def latent_layers_within(
+    model: ModelFn,
+    guide: ModelFn,
+    x: torch.Tensor,
+    *,
+    num_samples: int = 100,
+    max_memory: int | None = MAX_MEMORY,
+) -> list[dict[str, Any]]:
+    """:func:`~pyro_vae.inference.latent_layers` with its data chunks sized to the budget ``max_memory``.
+
+    Its pass over a chunk draws all K = ``num_samples`` samples of each datum at once; the chunk is as
+    many data points as the passes of :func:`evaluate_bounds` would take (at most ``ROWS_PER_PASS / K``)
+    that keep the pass under the budget, measured the same way (:func:`~pyro_vae.resources.plan_passes`).
+    """
+    from ..resources import plan_passes  # resources imports inference: imported when first used
+
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise PyroVAEError(f"num_samples must be a positive integer, got {num_samples!r}")
+    sizes = plan_passes(
+        lambda xs, k: latent_layers(model, guide, xs, num_samples=k, data_chunk_size=xs.shape[0]),
+        x,
+        num_samples=num_samples,
+        chunk_size=num_samples,
+        max_memory=max_memory,
+        held_bytes_per_sample=0,
+        split_particles=False,
+        what=f"the per-layer KL with K={num_samples}",
+    )
+    return latent_layers(model, guide, x, num_samples=num_samples, data_chunk_size=sizes.data)

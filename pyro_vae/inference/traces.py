@@ -41,6 +41,7 @@ from .._typing import ModelFn
 from ..errors import PyroVAEError
 
 __all__ = [
+    "MAX_MEMORY",
     "PARTICLE_PLATE",
     "ROWS_PER_PASS",
     "LogWeights",
@@ -58,6 +59,11 @@ __all__ = [
 # Particle x datum rows per vectorized pass when data_chunk_size is not given:
 # bounds memory to about rows x (decoder width) floats.
 ROWS_PER_PASS = 1 << 16
+# The memory an importance-sampling pass may add (``max_memory``, ``--max-memory``), by default: 2 GiB. The
+# passes are sized to it from the model's measured bytes per row (pyro_vae.resources.plan_passes), so a model
+# whose rows are dear (a 500-component mixture or VampPrior: [rows, 500, latent] in log p(z)) gets fewer of
+# them per pass; a plain VAE's 65k rows fit and keep their passes.
+MAX_MEMORY = 2 * 1024**3
 PARTICLE_PLATE = "_eval_particles"
 
 T = TypeVar("T")

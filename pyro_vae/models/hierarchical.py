@@ -43,6 +43,7 @@ from ..components.guides import GuideHead
 from ..components.likelihoods import Likelihood
 from ..components.nets import MLP
 from ..components.priors import Prior
+from ..components.softplus import Softplus
 from ..config import LAYER_INITS, TOP_DOWN
 from ..errors import PyroVAEError
 from .abilities import MEAN_SAMPLES, guide_means
@@ -149,7 +150,7 @@ class HierarchicalVAE(nn.Module):
         latent_dims: Sequence[int],
         layer_hidden_dims: Sequence[Sequence[int]] | None = None,
         hidden_depth: int = 2,
-        activation: type[nn.Module] = nn.Softplus,
+        activation: type[nn.Module] = Softplus,
         inference: str = "bottom-up",
         top_down: str = "residual",
         init: str = "glorot",
