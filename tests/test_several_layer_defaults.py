@@ -52,3 +52,16 @@ def test_a_two_layer_run_records_the_resolved_defaults(tmp_path, capsys) -> None
     assert config["model"]["options"]["inference"] == "ladder"
     assert config["train"]["warmup_epochs"] == SEVERAL_LAYER_WARMUP
     assert "ladder inference, KL warm-up 2 epochs" in capsys.readouterr().out
+
+
+def test_resume_continues_with_the_choices_the_run_was_trained_with(tmp_path) -> None:
+    # One epoch resolves to bottom-up without warm-up (too short a run); resumed to 4 epochs with the same
+    # flags, the defaults would say ladder with warm-up, a different model: the run's own choices win.
+    out = tmp_path / "run"
+    flags = ["train", "--dataset", "digits", "--latent-dims", "4,2", "--hidden-dims", "16", "--eval-samples", "0",
+             "--out", str(out)]  # fmt: skip
+    assert main([*flags, "--epochs", "1"]) == 0
+    assert main([*flags, "--epochs", "4", "--resume"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["options"]["inference"] == "bottom-up"
+    assert config["train"]["warmup_epochs"] == 0 and config["train"]["epochs"] == 4

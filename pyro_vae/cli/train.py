@@ -36,6 +36,7 @@ from ..io.lock import RunLock, remove_stale_temporaries
 from ..io.run import (
     is_run_dir,
     read_data_config,
+    read_layer_choices,
     save_config,
     save_evaluation,
     save_run,
@@ -255,8 +256,11 @@ def add_parser(commands: Any) -> None:
     train.set_defaults(run=run, parser=train)
 
 
-def fill_several_layer_defaults(args: argparse.Namespace) -> None:
+def fill_several_layer_defaults(args: argparse.Namespace, *, resumed: dict[str, Any] | None = None) -> None:
     """Fill in --warmup-epochs and --inference where they were left to the model (None).
+
+    With ``resumed`` (the choices of the run --resume continues, ``read_layer_choices``), what that run
+    was trained with: a run from before these defaults continues as it started.
 
     At 20 epochs on MNIST the two-layer model beats the one-layer model by a nat only as a ladder with
     two epochs of KL warm-up (93.51 against 94.51); bottom-up without warm-up, the old default, was
@@ -264,6 +268,11 @@ def fill_several_layer_defaults(args: argparse.Namespace) -> None:
     Warm-up is left out where it cannot apply: IWAE has no KL term to weight, --jit traces one KL
     weight, and a run shorter than twice the warm-up would spend half of it on a different objective.
     """
+    resumed = resumed or {}
+    if args.warmup_epochs is None and "warmup_epochs" in resumed:
+        args.warmup_epochs = resumed["warmup_epochs"]
+    if args.inference is None and args.model is None and "inference" in resumed:
+        args.inference = resumed["inference"]
     several = args.model is None and len(args.latent_dims) > 1
     if args.warmup_epochs is None:
         warm = several and args.loss != "iwae" and not args.jit and args.epochs >= 2 * SEVERAL_LAYER_WARMUP
@@ -557,7 +566,7 @@ def _train(args: argparse.Namespace, out: Path, *, device: torch.device | None) 
         if rank == 0:
             print(fit_columns(text))
 
-    fill_several_layer_defaults(args)
+    fill_several_layer_defaults(args, resumed=read_layer_choices(out) if args.resume else None)
     dataset = load_dataset(args.dataset, data_dir=args.data_dir)
     if args.validation is not None:
         dataset = hold_out(dataset, args.validation)

@@ -49,6 +49,7 @@ __all__ = [
     "load_run",
     "read_data_config",
     "read_evaluation",
+    "read_layer_choices",
     "save_config",
     "save_evaluation",
     "save_run",
@@ -208,6 +209,22 @@ def read_data_config(path: str | os.PathLike[str]) -> DataConfig:
             f"{path / 'config.json'} is not a valid run config ({type(error).__name__}: {error}); "
             "train afresh with --overwrite"
         ) from None
+
+
+def read_layer_choices(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The inference and KL warm-up the run in ``path`` was trained with: {"inference": ..., "warmup_epochs": ...}.
+
+    Only what its ``config.json`` holds (a user's model has no inference); {} for a folder without a readable
+    one, which ``--resume`` then refuses on its own terms.
+    """
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+        model, train = config.get("model", {}), config.get("train", {})
+        options = model.get("options", {}) if model.get("kind") == "builtin" else {}
+    except (OSError, json.JSONDecodeError, AttributeError, TypeError, RecursionError):
+        return {}
+    choices = {"inference": options.get("inference"), "warmup_epochs": train.get("warmup_epochs")}
+    return {key: value for key, value in choices.items() if value is not None}
 
 
 # How --overwrite replaces a run so that a SIGKILL at any moment loses neither the old run nor, once it has
