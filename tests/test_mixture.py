@@ -643,3 +643,15 @@ def test_m2_learns_from_labelled_and_unlabelled_batches_and_scores_unlabelled_da
     bounds = evaluate_bounds(m2.model, m2.guide, x_unl, num_samples=50)
     assert torch.isfinite(bounds.log_px).all() and (bounds.elbo <= bounds.log_px + 1e-9).all()
     assert validate_pair(m2.model, m2.guide, x_unl).enumerated_in_guide == ("y",)
+
+
+def test_m2_posterior_mean_sums_the_classes_like_the_guides_own_draws():
+    # sum_y q(y | x) E[z | x, y], computed once for both models (mixed_guide_means), against the mean of
+    # vectorized draws of the M2 guide with y left to q(y | x).
+    from pyro_vae.models import abilities
+
+    pyro.set_rng_seed(0)
+    vae = _m2(data_dim=16, num_classes=3)
+    x, _ = _two_prototypes(7, seed=5)
+    derived = abilities.guide_means(vae.guide, x, sites=("z",), num_samples=4000)["z"]
+    torch.testing.assert_close(vae.posterior_means(x)["z"], derived, atol=0.1, rtol=0)

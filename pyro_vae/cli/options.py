@@ -183,17 +183,20 @@ def add_dataclass_arguments(
     cls: type,
     *,
     types_by_name: Mapping[str, Callable[[str], Any]] | None = None,
+    options_by_name: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
     """One flag per field of the dataclass ``cls``: ``--field-name``, its default, and ``metadata["help"]``.
 
     A ``bool`` field gets ``--name/--no-name``; a ``Literal`` field its values as choices; a ``device`` field
     :func:`device_option`; any other its annotation's type (``X | None`` as
-    X), unless ``types_by_name`` gives a parser for it (a registry's names). Values are checked by ``cls`` itself when
-    :func:`dataclass_from_args` builds it, so every rule is written once, there.
+    X), unless ``types_by_name`` gives a parser for it (a registry's names). ``options_by_name`` replaces a
+    field's ``default`` or ``help`` for this command (a default the command decides later, say). Values are
+    checked by ``cls`` itself when :func:`dataclass_from_args` builds it, so every rule is written once, there.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         options: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help")}
+        options.update((options_by_name or {}).get(f.name, {}))
         if "metavar" in f.metadata:
             options["metavar"] = f.metadata["metavar"]
         if hints[f.name] is bool:

@@ -206,16 +206,18 @@ def add_parser(commands: Any) -> None:
         help="a keyword of your model's constructor, e.g. hidden=16 (JSON values, else text); repeatable",
     )
     fitting = train.add_argument_group("training")
-    add_dataclass_arguments(fitting, TrainConfig, types_by_name={"loss": registry_choice(LOSSES)})
     # With several latent layers the defaults are what made them work (benchmarks/README.md, issue 15): KL
     # warm-up and the ladder; None here is "decide from the model" (fill_several_layer_defaults).
-    for action in fitting._group_actions:
-        if action.dest == "warmup_epochs":
-            action.default = None
-            action.help = (
-                f"epochs to ramp the KL weight 0 -> beta (default: {SEVERAL_LAYER_WARMUP} with several "
-                f"--latent-dims and an ELBO loss over at least {2 * SEVERAL_LAYER_WARMUP} epochs, else 0)"
-            )
+    warmup_help = (
+        f"epochs to ramp the KL weight 0 -> beta (default: {SEVERAL_LAYER_WARMUP} with several --latent-dims "
+        f"and an ELBO loss over at least {2 * SEVERAL_LAYER_WARMUP} epochs, else 0)"
+    )
+    add_dataclass_arguments(
+        fitting,
+        TrainConfig,
+        types_by_name={"loss": registry_choice(LOSSES)},
+        options_by_name={"warmup_epochs": {"default": None, "help": warmup_help}},
+    )
     fitting.add_argument(
         "--distributed",
         action="store_true",

@@ -23,13 +23,18 @@ from ..components.guides import GuideHead
 from ..components.likelihoods import Likelihood
 from ..config import ModelConfig
 from ..errors import PyroVAEError
+from .abilities import MEAN_SAMPLES
 from .build import _parts as _shared_parts
 from .plate import data_plate
 
-__all__ = ["GMVAE", "GaussianComponents", "MixtureVAE", "build_mixture_vae", "with_component"]
-
-# Posterior-mean draws for a guide head whose q(z | x, c) has no closed-form mean (a flow).
-_MEAN_SAMPLES = 64
+__all__ = [
+    "GMVAE",
+    "GaussianComponents",
+    "MixtureVAE",
+    "build_mixture_vae",
+    "mixed_guide_means",
+    "with_component",
+]
 
 
 class GaussianComponents(nn.Module):
@@ -79,6 +84,25 @@ def with_component(features: torch.Tensor, c: torch.Tensor, num_components: int)
     onehot = F.one_hot(c, num_components).to(features.dtype)  # [..., C]
     batch = torch.broadcast_shapes(features.shape[:-1], onehot.shape[:-1])
     return torch.cat([features.expand(*batch, -1), onehot.expand(*batch, -1)], dim=-1)
+
+
+@torch.no_grad()
+def mixed_guide_means(
+    guide_head: GuideHead, features: torch.Tensor, assignment: dist.Categorical, num_components: int
+) -> torch.Tensor:
+    """E_q[z | x] = sum_c q(c | x) E_q[z | x, c] from encoder features [N, H] and q(c | x) (batch [N]): [N, d].
+
+    A guide head without a closed-form mean (a flow) is averaged over
+    :data:`~pyro_vae.models.abilities.MEAN_SAMPLES` draws per component.
+    """
+    every = torch.arange(num_components, device=features.device).unsqueeze(-1)  # [C, 1]
+    q_z = guide_head(with_component(features, every, num_components))  # batch [C, N]
+    try:
+        means = q_z.mean  # [C, N, d]
+    except NotImplementedError:
+        means = q_z.rsample((MEAN_SAMPLES,)).mean(0)
+    probs = assignment.probs.T.unsqueeze(-1)  # [C, N, 1]
+    return (probs * means).sum(0)
 
 
 class MixtureVAE(nn.Module):
@@ -186,14 +210,7 @@ class MixtureVAE(nn.Module):
     def posterior_means(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """E_q[z | x] = sum_c q(c | x) E_q[z | x, c]: ``{"z": [N, d]}``."""
         h = self.encoder(x)  # [N, H]
-        every = torch.arange(self.num_components, device=x.device).unsqueeze(-1)  # [C, 1]
-        q_z = self.guide_head(with_component(h, every, self.num_components))  # batch [C, N]
-        try:
-            means = q_z.mean  # [C, N, d]
-        except NotImplementedError:
-            means = q_z.rsample((_MEAN_SAMPLES,)).mean(0)
-        probs = self.assignment(h).probs.T.unsqueeze(-1)  # [C, N, 1]
-        return {"z": (probs * means).sum(0)}
+        return {"z": mixed_guide_means(self.guide_head, h, self.assignment(h), self.num_components)}
 
     @torch.no_grad()
     def decode(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ..components.guides import GuideHead
 from ..components.likelihoods import Likelihood
 from ..errors import PyroVAEError
 from .abilities import AbilityMissing
-from .mixture import with_component
+from .mixture import mixed_guide_means, with_component
 from .plate import data_plate
 
 __all__ = ["SemiSupervisedVAE"]
@@ -144,10 +144,8 @@ class SemiSupervisedVAE(nn.Module):
     @torch.no_grad()
     def posterior_means(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """E_q[z | x] = sum_y q(y | x) E_q[z | x, y]: ``{"z": [N, d]}``."""
-        h = self.encoder(x)
-        every = torch.arange(self.num_classes, device=x.device).unsqueeze(-1)  # [K, 1]
-        means = self.guide_head(with_component(h, every, self.num_classes)).mean  # [K, N, d]
-        return {"z": (self.component_probs(x).T.unsqueeze(-1) * means).sum(0)}
+        h = self.encoder(x)  # [N, H]: once, for q(y | x) and q(z | x, y)
+        return {"z": mixed_guide_means(self.guide_head, h, self.assignment(h), self.num_classes)}
 
     @torch.no_grad()
     def decode(self, latents: Mapping[str, torch.Tensor]) -> torch.Tensor:
