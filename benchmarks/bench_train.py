@@ -15,32 +15,36 @@ device:
   activations and Bernoulli log-density are pyro_vae's log1p-free kernels
   (:mod:`pyro_vae.components.softplus`, ``ReferenceVAE(log1p_free=True)``),
   which pyro_vae's default MLP and likelihood use.
+- ``hand-written, pyro_vae's kernels``: that one with pyro_vae's ``Linear``
+  too (:mod:`pyro_vae.components.linear`: every product of the forward and
+  backward passes by oneDNN), so it does exactly pyro_vae's arithmetic.
 - ``pyro_vae (default)``: ``fit``'s step: AsyncSVI, the device-resident
   Trace_ELBO and one fused Adam over all parameters (``JointAdam``).
-- ``pyro_vae --jit``: the same with the loss compiled by tracing (``JitELBO``).
+- ``pyro_vae --jit``: the same with the loss compiled by tracing (``JitELBO``;
+  the tracer cannot record oneDNN's op, so its products are the BLAS's).
 - ``pyro_vae --no-fused-adam``: Pyro's per-parameter ``pyro.optim.Adam``.
 
 How to read the rows. pyro_vae's default differs from the plain hand-written
-step in three ways: the optimizer kernel, the elementwise math (log1p-free
-softplus and Bernoulli log-density) and Pyro's bookkeeping (tracing the
-guide, replaying the model, per-site log-prob sums). The fused row takes
-away the first, the log1p-free row the second, so
+step in four ways: the optimizer kernel, the elementwise math (log1p-free
+softplus and Bernoulli log-density), the matrix products (oneDNN's, where
+torch's ``F.linear`` calls the BLAS it is built with) and Pyro's bookkeeping
+(tracing the guide, replaying the model, per-site log-prob sums). Each
+hand-written row takes one more away, so
 
 - fused / hand-written            = what the optimizer kernel alone buys;
 - log1p-free / fused              = what the faster elementwise math alone buys;
-- pyro_vae (default) / log1p-free = the cost of Pyro's bookkeeping, the
-  only difference left between the two (the ``/log1p-free`` column).
-
-Under ``--jit`` the log1p-free formulas are recorded by the tracer as plain
-torch operations, with autograd's backward instead of the hand-written one.
+- kernels / log1p-free            = what oneDNN's products alone buy (on an
+  AMD CPU, where MKL takes a slower path, most of it; on an Intel CPU little);
+- pyro_vae (default) / kernels    = the cost of Pyro's bookkeeping, the
+  only difference left between the two (the ``/kernels`` column).
 
 Prints the median ms/step of each, its ratio to the hand-written reference
-(``ratio``), to the hand-written fused one (``/fused``) and to the
-log1p-free one (``/log1p-free``). The last lines are, for the default at
-batch 128 (or the first batch size when 128 is not measured):
-``ratio=<float>`` (over the hand-written reference), ``ratio_fused=<float>``
-(over the hand-written fused step) and ``ratio_log1p_free=<float>`` (over the
-log1p-free fused one).
+(``ratio``), to the hand-written fused one (``/fused``), to the log1p-free
+one (``/log1p-free``) and to the one with all of pyro_vae's kernels
+(``/kernels``). The last lines are, for the default at batch 128 (or the
+first batch size when 128 is not measured): ``ratio=<float>`` (over the
+hand-written reference), ``ratio_fused=<float>`` (over the hand-written fused
+step), ``ratio_log1p_free=<float>`` and ``ratio_kernels=<float>``.
 
     python benchmarks/bench_train.py --device cpu
     python benchmarks/bench_train.py --device cuda --batch-sizes 128,1024
@@ -67,13 +71,19 @@ from pyro_vae.training.optim import JointAdam
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_vae import ReferenceVAE
 
-# The hand-written rows: (name, torch.optim.Adam's ``fused``, ReferenceVAE's ``log1p_free``).
-REFERENCE, FUSED, LOG1P_FREE = (
+# The hand-written rows: (name, torch.optim.Adam's ``fused``, ReferenceVAE's ``log1p_free`` and ``onednn``).
+REFERENCE, FUSED, LOG1P_FREE, KERNELS = (
     "hand-written PyTorch",
     "hand-written, fused Adam",
     "hand-written, fused, log1p-free",
+    "hand-written, pyro_vae's kernels",
 )
-REFERENCES = [(REFERENCE, None, False), (FUSED, True, False), (LOG1P_FREE, True, True)]
+REFERENCES = [
+    (REFERENCE, None, False, False),
+    (FUSED, True, False, False),
+    (LOG1P_FREE, True, True, False),
+    (KERNELS, True, True, True),
+]
 DEFAULT = "pyro_vae (default)"
 
 
@@ -103,8 +113,8 @@ def compare(
     config = ModelConfig(data_dim=784, latent_dims=(50,), hidden_dims=(400,))
     base = build_vae(config)  # every implementation starts from these weights
     steps = {}
-    for name, fused, log1p_free in REFERENCES:
-        reference = ReferenceVAE(log1p_free=log1p_free).copy_from(base).to(device)
+    for name, fused, log1p_free, onednn in REFERENCES:
+        reference = ReferenceVAE(log1p_free=log1p_free, onednn=onednn).copy_from(base).to(device)
         optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3, fused=fused)
         steps[name] = partial(_reference_step, reference, optimizer, x, num_data)
     store = pyro.get_param_store()
@@ -152,13 +162,14 @@ def main(args: argparse.Namespace) -> float:
     )
     width = max(len(name) for name in next(iter(results.values())))
     print(
-        f"{'batch':>6}  {'implementation':<{width}} {'ms/step':>9} {'ratio':>7} {'/fused':>7} {'/log1p-free':>11}"
+        f"{'batch':>6}  {'implementation':<{width}} {'ms/step':>9} {'ratio':>7} {'/fused':>7} {'/log1p-free':>11} "
+        f"{'/kernels':>8}"
     )
     for batch, medians in results.items():
         for name, ms in medians.items():
             print(
                 f"{batch:>6}  {name:<{width}} {ms:>9.3f} {ms / medians[REFERENCE]:>7.3f} "
-                f"{ms / medians[FUSED]:>7.3f} {ms / medians[LOG1P_FREE]:>11.3f}"
+                f"{ms / medians[FUSED]:>7.3f} {ms / medians[LOG1P_FREE]:>11.3f} {ms / medians[KERNELS]:>8.3f}"
             )
     at = results[128 if 128 in results else args.batch_sizes[0]]
     ratio = at[DEFAULT] / at[REFERENCE]
@@ -166,6 +177,8 @@ def main(args: argparse.Namespace) -> float:
     print(f"ratio={ratio:.4f}")
     print(f"ratio_fused={at[DEFAULT] / at[FUSED]:.4f}")
     print(f"ratio_log1p_free={at[DEFAULT] / at[LOG1P_FREE]:.4f}")
+    # Against the same arithmetic written by hand: what Pyro's bookkeeping (traces, sites, plates) costs.
+    print(f"ratio_kernels={at[DEFAULT] / at[KERNELS]:.4f}")
     return ratio
 
 

@@ -11,7 +11,10 @@ Bernoulli log-density with pyro_vae's own kernels
 passes), which pyro_vae's default MLP and Bernoulli likelihood use; with the
 default ``False`` it uses torch's ``nn.Softplus`` and
 ``binary_cross_entropy_with_logits``, as a VAE written by hand usually does.
-Both compute the same numbers to float rounding.
+``ReferenceVAE(log1p_free=True, onednn=True)`` also takes pyro_vae's
+``Linear`` (:mod:`pyro_vae.components.linear`: the products by oneDNN), so it
+does pyro_vae's arithmetic exactly and differs from it only by Pyro's
+bookkeeping. All compute the same numbers to float rounding.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pyro_vae.components.linear import Linear
 from pyro_vae.components.softplus import Softplus, bernoulli_logits_log_prob
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -29,15 +33,22 @@ _LOG_2PI = math.log(2 * math.pi)
 
 class ReferenceVAE(nn.Module):
     def __init__(
-        self, data_dim: int = 784, hidden: int = 400, latent: int = 50, *, log1p_free: bool = False
+        self,
+        data_dim: int = 784,
+        hidden: int = 400,
+        latent: int = 50,
+        *,
+        log1p_free: bool = False,
+        onednn: bool = False,
     ) -> None:
         super().__init__()
         self.log1p_free = log1p_free
         activation = Softplus if log1p_free else nn.Softplus
-        self.encoder = nn.Sequential(nn.Linear(data_dim, hidden), activation())
-        self.loc = nn.Linear(hidden, latent)
-        self.raw_scale = nn.Linear(hidden, latent)
-        self.decoder = nn.Sequential(nn.Linear(latent, hidden), activation(), nn.Linear(hidden, data_dim))
+        linear = Linear if onednn else nn.Linear
+        self.encoder = nn.Sequential(linear(data_dim, hidden), activation())
+        self.loc = linear(hidden, latent)
+        self.raw_scale = linear(hidden, latent)
+        self.decoder = nn.Sequential(linear(latent, hidden), activation(), linear(hidden, data_dim))
 
     def copy_from(self, vae: nn.Module) -> ReferenceVAE:
         """Take the weights of a pyro_vae ``VAE`` of the same shape."""

@@ -27,6 +27,7 @@ The memory compared against is the device's: the machine's physical memory
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import re
@@ -44,7 +45,7 @@ from torch.utils._pytree import tree_flatten
 
 from .components.kernels import compiled_kernels
 from .errors import PyroVAEError
-from .inference.traces import MAX_MEMORY, ROWS_PER_PASS
+from .inference.traces import MAX_MEMORY, MIN_ROWS_PER_PASS, rows_per_pass
 
 __all__ = [
     "HELD_BYTES_PER_SAMPLE",
@@ -60,6 +61,7 @@ __all__ = [
     "meta_size",
     "peak_bytes",
     "plan_passes",
+    "structure_key",
     "training_bytes",
 ]
 
@@ -101,9 +103,13 @@ def training_bytes(
 
 
 def evaluation_bytes(*, num_samples: int, num_data: int, chunk_size: int, data_chunk_size: int | None) -> int:
-    """A lower bound on the memory of importance sampling: K float64 log-weights per datum of a chunk, five times over."""
+    """A lower bound on the memory of importance sampling: K float64 log-weights per datum of a chunk, five times over.
+
+    The chunk is the default for the narrowest data (``MIN_ROWS_PER_PASS`` rows, the fewest
+    :func:`~pyro_vae.inference.traces.rows_per_pass` gives), so the bound holds for any data and device.
+    """
     chunk = min(chunk_size, num_samples)
-    data_chunk = max(1, ROWS_PER_PASS // chunk) if data_chunk_size is None else data_chunk_size
+    data_chunk = max(1, MIN_ROWS_PER_PASS // chunk) if data_chunk_size is None else data_chunk_size
     return FLOAT64 * 5 * num_samples * min(data_chunk, num_data)
 
 
@@ -347,6 +353,53 @@ class PassSizes:
         return self.rows * self.row_bytes + self.data * self.held_bytes
 
 
+# Measured pass costs by (key, input shape, dtype, device, particles): the row cost of a pass depends on the
+# shapes of the model's tensors, never on their values, so an evaluation of the same model on data of the
+# same shape (every epoch's validation, a loop of log p(x) calls) need not measure it again. The entries
+# keep what the key names alive (ids are unique only among live objects), so the cache is small.
+_MEASURED: collections.OrderedDict[tuple, tuple[int, tuple]] = collections.OrderedDict()
+MEASURED_ENTRIES = 16
+
+
+def structure_key(*modules: object) -> tuple:
+    """A key for ``plan_passes(cache_key=)`` naming ``modules`` (models, guides: bound methods of an
+    ``nn.Module`` stand for the module) by identity and the shapes, dtypes and devices of their parameters
+    and buffers, and of the tensors in Pyro's param store (a model function's ``pyro.param`` sites), so
+    that a module rebuilt or resized in place is measured afresh.
+    """
+    parts = []
+    for item in modules:
+        owner = getattr(item, "__self__", item)
+        tensors = ()
+        if isinstance(owner, nn.Module):
+            tensors = tuple(
+                (name, tuple(t.shape), t.dtype, str(t.device))
+                for name, t in [*owner.named_parameters(), *owner.named_buffers()]
+            )
+        parts.append((id(owner), getattr(getattr(item, "__func__", None), "__qualname__", None), tensors))
+    store = tuple(
+        (name, tuple(t.shape), t.dtype, str(t.device)) for name, t in pyro.get_param_store().items()
+    )
+    return (tuple(parts), store), modules
+
+
+def _measure_cached(
+    one_pass: Callable[[torch.Tensor, int], object], xs: torch.Tensor, k: int, cache_key: tuple | None
+) -> int:
+    if cache_key is None:
+        return _measure(one_pass, xs, k)
+    (identity, keep) = cache_key
+    key = (identity, tuple(xs.shape), xs.dtype, str(xs.device), k)
+    if key in _MEASURED:
+        _MEASURED.move_to_end(key)
+        return _MEASURED[key][0]
+    measured = _measure(one_pass, xs, k)
+    _MEASURED[key] = (measured, keep)
+    while len(_MEASURED) > MEASURED_ENTRIES:
+        _MEASURED.popitem(last=False)
+    return measured
+
+
 def _measure(one_pass: Callable[[torch.Tensor, int], object], xs: torch.Tensor, k: int) -> int:
     # Hidden from outer handlers, eager (a fused kernel would not be counted op by op), no gradients, and on a
     # fork of the random stream: the evaluation's draws are the same as without the measurement.
@@ -374,11 +427,12 @@ def plan_passes(
     split_data: bool = True,
     what: str = "the evaluation",
     advice: str = "lower the samples K",
+    cache_key: tuple | None = None,
 ) -> PassSizes:
     """Particles per pass and data points per chunk that keep a pass of ``one_pass(xs, k)`` under ``max_memory``.
 
     Without a budget (``max_memory=None``) they are the defaults: ``min(chunk_size, K)`` particles, and
-    ``data_chunk_size`` or as many data points as make ``ROWS_PER_PASS`` rows. With one, ``one_pass`` is
+    ``data_chunk_size`` or as many data points as make ``rows_per_pass(x)`` rows. With one, ``one_pass`` is
     run once on about ``PROBE_ROWS`` rows (a fork of the random stream, nothing drawn from it) and its
     peak :func:`peak_bytes` divided by its rows gives c, the bytes of a row; a datum also keeps ``h =
     held_bytes_per_sample x K`` bytes across its passes. The sizes are then the largest, at most the
@@ -396,11 +450,14 @@ def plan_passes(
     the pass is either of fixed size or proportional to the rows (a max of lines with non-negative
     intercepts is at most its value at r, scaled by R / r); tests/test_memory_budget.py checks the
     resident memory of real evaluations against the budget.
+
+    ``cache_key`` (:func:`structure_key` of the model and guide ``one_pass`` runs) keeps each measurement
+    for later calls with the same model structure and data shape, which then measure nothing.
     """
     check_memory_budget(max_memory)
     num_data = x.shape[0]
     particles = min(chunk_size, num_samples)
-    data = min(num_data, data_chunk_size or max(1, ROWS_PER_PASS // particles))
+    data = min(num_data, data_chunk_size or max(1, rows_per_pass(x) // particles))
     if max_memory is None:
         return PassSizes(particles, data, math.nan, 0, None)
     usable = HEADROOM * max_memory - ALLOCATOR_SLACK
@@ -418,7 +475,7 @@ def plan_passes(
     else:  # a pass that cannot take a subset of x (per-datum parameters of x's shape): all of x, always
         data = probe_n = num_data
         probe_k = min(particles, max(1, PROBE_ROWS // num_data))
-    measured = max(1, _measure(one_pass, x[:probe_n], probe_k))  # at least a byte: no division by zero
+    measured = max(1, _measure_cached(one_pass, x[:probe_n], probe_k, cache_key))  # at least a byte
     row_bytes = measured / (probe_n * probe_k)
     fewest_data = 1 if split_data else num_data
     smallest = (
@@ -447,7 +504,7 @@ def plan_passes(
     if particles * data < probe_n * probe_k:
         # Fewer rows than measured: the fixed tensors count more per row. Measure this pass, shrink till it fits.
         while True:
-            measured = _measure(one_pass, x[:data], particles)
+            measured = _measure_cached(one_pass, x[:data], particles, cache_key)
             if measured + data * held <= usable:
                 row_bytes = max(1, measured) / (particles * data)
                 break

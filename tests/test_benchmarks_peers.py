@@ -237,14 +237,28 @@ def _reference_module():
     return module
 
 
-def test_log1p_free_reference_computes_the_plain_references_loss_and_gradients(float64):
-    # Known answer: the same weights and noise through torch's softplus/BCE and through pyro_vae's log1p-free
-    # kernels give the same single-sample ELBO and the same gradient, to float64 rounding.
+@pytest.mark.parametrize(
+    "options, dtype, rtol, atol",
+    [
+        # pyro_vae's log1p-free kernels against torch's softplus/BCE: equal to float64 rounding.
+        ({"log1p_free": True}, torch.float64, 1e-9, 1e-10),
+        # With pyro_vae's Linear as well, in float32 (the only dtype whose products go to oneDNN): equal to
+        # float32 rounding.
+        ({"log1p_free": True, "onednn": True}, torch.float32, 1e-4, 1e-3),
+    ],
+)
+def test_the_references_with_pyro_vaes_kernels_compute_the_plain_references_loss_and_gradients(
+    options, dtype, rtol, atol
+):
+    # Known answer: the same weights and noise through torch's own layers and through pyro_vae's kernels
+    # give the same single-sample ELBO and the same gradient.
+    from pyro_vae.components import Linear
+
     reference = _reference_module().ReferenceVAE
-    plain = reference(data_dim=30, hidden=16, latent=3)
-    fast = reference(data_dim=30, hidden=16, latent=3, log1p_free=True)
+    plain = reference(data_dim=30, hidden=16, latent=3).to(dtype)
+    fast = reference(data_dim=30, hidden=16, latent=3, **options).to(dtype)
     fast.load_state_dict(plain.state_dict())
-    x = torch.bernoulli(torch.full((8, 30), 0.3, dtype=torch.float64))
+    x = torch.bernoulli(torch.full((8, 30), 0.3, dtype=dtype))
     losses, grads = [], []
     for model in (plain, fast):
         torch.manual_seed(1)
@@ -252,8 +266,11 @@ def test_log1p_free_reference_computes_the_plain_references_loss_and_gradients(f
         losses.append(loss.detach())
         grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]))
     assert isinstance(fast.encoder[1], Softplus) and not isinstance(plain.encoder[1], Softplus)
-    assert torch.allclose(losses[0], losses[1], rtol=1e-12), losses
-    assert torch.allclose(grads[0], grads[1], rtol=1e-9, atol=1e-10)
+    assert isinstance(fast.encoder[0], Linear) == bool(options.get("onednn"))
+    torch.testing.assert_close(
+        losses[1], losses[0], rtol=1e-12 if dtype == torch.float64 else 1e-5, atol=atol
+    )
+    torch.testing.assert_close(grads[1], grads[0], rtol=rtol, atol=atol)
 
 
 def test_bench_train_smoke_run_prints_every_row_and_ratio_line():
@@ -269,6 +286,7 @@ def test_bench_train_smoke_run_prints_every_row_and_ratio_line():
         "hand-written PyTorch",
         "hand-written, fused Adam",
         "hand-written, fused, log1p-free",
+        "hand-written, pyro_vae's kernels",
         "pyro_vae (default)",
         "pyro_vae --jit",
         "pyro_vae --no-fused-adam",
@@ -278,13 +296,19 @@ def test_bench_train_smoke_run_prints_every_row_and_ratio_line():
         for name in names:
             if line.split(maxsplit=1)[-1].startswith(name + " "):
                 table[name] = [
-                    float(word) for word in line.split()[-4:]
-                ]  # ms/step, ratio, /fused, /log1p-free
+                    float(word) for word in line.split()[-5:]
+                ]  # ms/step, ratio, /fused, /log1p-free, /kernels
     assert list(table) == names, done.stdout
     assert table["hand-written PyTorch"][1] == 1.0 and table["hand-written, fused Adam"][2] == 1.0
     assert table["hand-written, fused, log1p-free"][3] == 1.0
+    assert table["hand-written, pyro_vae's kernels"][4] == 1.0
     # The last lines, ratio= first (benchmarks/gpu_check.py reports them in order), are the default's row.
-    tail = done.stdout.strip().splitlines()[-3:]
-    assert [line.split("=")[0] for line in tail] == ["ratio", "ratio_fused", "ratio_log1p_free"], tail
-    for line, column in zip(tail, (1, 2, 3), strict=True):
+    tail = done.stdout.strip().splitlines()[-4:]
+    assert [line.split("=")[0] for line in tail] == [
+        "ratio",
+        "ratio_fused",
+        "ratio_log1p_free",
+        "ratio_kernels",
+    ], tail
+    for line, column in zip(tail, (1, 2, 3, 4), strict=True):
         assert float(line.split("=")[1]) == pytest.approx(table["pyro_vae (default)"][column], abs=6e-4), line

@@ -201,3 +201,32 @@ def test_bad_data_indices_say_what_is_wrong():
         to_inference_data(model, guide, x, data_indices=[0, 1])
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         to_inference_data(model, guide, x, num_samples=0)
+
+
+def test_a_budget_that_cuts_the_passes_cuts_the_exports_alike():
+    """Under a budget that shrinks the passes (a 50-component VampPrior), the export plans them as the
+    evaluator does: the same draws for the same seed, and a budget no pass fits is refused alike."""
+    from pyro_vae import ModelConfig, build_vae
+    from pyro_vae.errors import PyroVAEError
+    from pyro_vae.inference import plan_importance_passes
+
+    vae = build_vae(
+        ModelConfig(
+            data_dim=30,
+            latent_dims=(4,),
+            hidden_dims=(16,),
+            prior="vamp",
+            prior_options={"num_components": 50},
+        )
+    )
+    x = torch.bernoulli(torch.full((12, 30), 0.3))
+    budget = 82 * 1024**2  # 0.8 x 82 MiB - 64 MiB of slack: about 1.6 MiB for the passes
+    sizes = plan_importance_passes(vae.model, vae.guide, x, num_samples=400, max_memory=budget)
+    unbounded = plan_importance_passes(vae.model, vae.guide, x, num_samples=400, max_memory=None)
+    assert sizes.rows < unbounded.rows  # the budget is what decides here
+    idata = to_inference_data(vae.model, vae.guide, x, num_samples=400, seed=2, max_memory=budget)
+    pyro.set_rng_seed(2)
+    expected = log_marginal(vae.model, vae.guide, x, num_samples=400, max_memory=budget).numpy()
+    np.testing.assert_allclose(idata.sample_stats["log_px"].values, expected, rtol=0, atol=1e-10)
+    with pytest.raises(PyroVAEError, match="memory budget"):
+        to_inference_data(vae.model, vae.guide, x, num_samples=400, max_memory=80 * 1024**2)

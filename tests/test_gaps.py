@@ -34,9 +34,12 @@ def test_optimized_guide_recovers_the_exact_posterior_and_the_gaps_add_up():
     x = lg.sample_data(20)
     truth = lg.exact_log_px(x)
     result = gaps(lg.model, lg.wrong_guide, x, settings=GapSettings(log_px_method="is", is_samples=2000))
-    # The optimum is the exact posterior, where log w = log p(x) for every draw: ELBO* is exact.
-    assert ((truth - result.elbo_optimized).abs() < 0.01).all()
-    assert result.approximation_gap.abs().mean() < 0.02
+    # The optimum is the exact posterior, where log w = log p(x) for every draw: ELBO* is exact, and the
+    # approximation gap log p̂(x) - ELBO* is the importance-sampling estimate's own error, no more.
+    assert ((truth - result.elbo_optimized).abs() < 1e-6).all()
+    torch.testing.assert_close(result.approximation_gap, result.log_px - truth, rtol=0, atol=1e-6)
+    # That error, with the wrong guide and K = 2000: 0.019-0.026 nats on average over four seeds.
+    assert result.approximation_gap.abs().mean() < 0.04
     loc, cov = lg.posterior(x)
     q_loc, q_scale = lg.wrong_guide_params(x)
     kl = kl_divergence(

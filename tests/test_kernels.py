@@ -8,6 +8,7 @@ import warnings
 import pyro
 import pytest
 import torch
+from torch.nn import functional as F
 
 from pyro_vae import ModelConfig, build_vae, evaluate_bounds, load_dataset, prepare_split
 from pyro_vae.components import kernels
@@ -70,3 +71,21 @@ def test_auto_compiles_only_large_evaluations(monkeypatch):
     evaluate_bounds(vae.model, vae.guide, x[:20], num_samples=100, diagnostics=False)  # 2000 rows
     evaluate_bounds(vae.model, vae.guide, x[:20], num_samples=100, diagnostics=False, compile=False)
     assert seen == [False, True, False]
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="needs a C++ compiler for TorchInductor's CPU kernels")
+def test_the_fused_softplus_of_an_evaluation_is_torchs_softplus():
+    from pyro_vae.components import softplus
+
+    torch.manual_seed(1)
+    for shape in [(5, 3), (40, 7, 11), (1,)]:
+        x = torch.randn(*shape) * 30
+        expected = F.softplus(x.double(), threshold=1e9)
+        with torch.no_grad(), kernels.compiled_kernels():
+            fused = softplus(x)
+        torch.testing.assert_close(fused.double(), expected, rtol=2e-7, atol=2e-7)
+        with kernels.compiled_kernels():  # with a gradient to take, the hand-written backward's form runs
+            y = x.clone().requires_grad_(True)
+            softplus(y).sum().backward()
+            torch.testing.assert_close(y.grad, torch.sigmoid(x))
+    assert not kernels._failed

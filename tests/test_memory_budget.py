@@ -26,7 +26,7 @@ from pyro_vae.cli import main
 from pyro_vae.errors import PyroVAEError
 from pyro_vae.inference.ais import AnnealingSettings, ais, budgeted_chunk_rows, chunk_rows
 from pyro_vae.inference.conditioning import per_datum_pair
-from pyro_vae.inference.traces import MAX_MEMORY, ROWS_PER_PASS, traced_weights
+from pyro_vae.inference.traces import MAX_MEMORY, rows_per_pass, traced_weights
 from pyro_vae.resources import (
     ALLOCATOR_SLACK,
     HEADROOM,
@@ -172,7 +172,10 @@ def test_the_default_budget_keeps_the_passes_and_the_numbers_of_a_plain_vae():
     vae = build_vae(ModelConfig(data_dim=784, latent_dims=(50,), hidden_dims=(400,)))
     x = torch.bernoulli(torch.full((70, 784), 0.2))
     sizes = plan_passes(one_pass_of(vae.model, vae.guide, x), x, num_samples=1000, chunk_size=1000)
-    assert (sizes.particles, sizes.data) == (1000, ROWS_PER_PASS // 1000) and sizes.max_memory == MAX_MEMORY
+    assert (sizes.particles, sizes.data) == (
+        1000,
+        rows_per_pass(x) // 1000,
+    ) and sizes.max_memory == MAX_MEMORY
     pyro.set_rng_seed(5)
     budgeted = evaluate_bounds(vae.model, vae.guide, x[:8], num_samples=300)
     pyro.set_rng_seed(5)
@@ -280,6 +283,23 @@ def test_the_commands_take_the_budget_and_refuse_a_bad_one(tmp_path, capsys):
     assert "log p(x) (IS)" in capsys.readouterr().out
     assert main(["evaluate", str(out), "--num-samples", "50", "--max-memory", "16MiB"]) == 2
     assert "leaves nothing for" in capsys.readouterr().err
+    # The inference gaps take the budget too: their log p(x) and ELBO passes are planned to it.
+    gaps = [
+        "evaluate",
+        str(out),
+        "--method",
+        "gaps",
+        "--limit",
+        "4",
+        "--num-samples",
+        "50",
+        "--log-px-method",
+        "is",
+    ]
+    assert main([*gaps, "--optimize-steps", "2", "--max-memory", "96MiB"]) == 0
+    assert "amortization gap" in capsys.readouterr().out
+    assert main([*gaps, "--max-memory", "16MiB"]) == 2
+    assert "leaves nothing for" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", str(out), "--max-memory", "lots"])
     assert exit_info.value.code == 2 and "memory size" in capsys.readouterr().err
@@ -300,3 +320,40 @@ def test_ais_chunks_are_sized_to_the_budget_and_keep_the_exact_answer(float64):
     many = AnnealingSettings(num_steps=3, num_chains=200_000, pilot_chains=0)
     with pytest.raises(PyroVAEError, match=r"does not fit in the memory budget.*--num-chains"):
         ais(lg.model, lg.exact_guide, x[:2], settings=many, max_memory=budget)
+
+
+def test_a_second_evaluation_of_the_same_model_and_data_shape_reuses_the_measurement(monkeypatch):
+    import pyro_vae.resources as resources
+
+    calls = []
+    measure = resources._measure
+    monkeypatch.setattr(resources, "_measure", lambda *a: calls.append(a[1].shape) or measure(*a))
+    monkeypatch.setattr(resources, "_MEASURED", type(resources._MEASURED)())
+    x = torch.bernoulli(torch.full((30, 20), 0.3))
+    vae = build_vae(ModelConfig(data_dim=20, latent_dims=(2,), hidden_dims=(8,)))
+    results = []
+    for _ in range(2):
+        pyro.set_rng_seed(5)
+        results.append(evaluate_bounds(vae.model, vae.guide, x, num_samples=50, diagnostics=False))
+    assert len(calls) == 1  # measured once; the second plan read it back
+    # Skipping the measurement changes no draw: the measuring pass runs on a fork of the random stream.
+    assert torch.equal(results[0].log_px, results[1].log_px)
+    evaluate_bounds(vae.model, vae.guide, x[:20], num_samples=50, diagnostics=False)
+    assert len(calls) == 1  # fewer data points, the same measuring pass: its cost is known
+    # A model resized in place is a new structure, and is measured again.
+    wider = build_vae(ModelConfig(data_dim=20, latent_dims=(2,), hidden_dims=(16,)))
+    vae.decoder = wider.decoder
+    vae.encoder = wider.encoder
+    vae.guide_head = wider.guide_head
+    evaluate_bounds(vae.model, vae.guide, x, num_samples=50, diagnostics=False)
+    assert len(calls) == 2
+
+
+def test_cpu_passes_keep_a_data_wide_tensor_under_the_malloc_threshold_and_gpu_passes_stay_large():
+    from pyro_vae.inference.traces import CPU_PASS_BYTES, MIN_ROWS_PER_PASS, ROWS_PER_PASS
+
+    mnist, digits, wide = torch.zeros(3, 784), torch.zeros(3, 64), torch.zeros(3, 3, 64, 64)
+    assert rows_per_pass(mnist) * 784 * 4 <= CPU_PASS_BYTES < (rows_per_pass(mnist) + 1) * 784 * 4
+    assert rows_per_pass(digits) == ROWS_PER_PASS  # narrow rows: the passes stay as large as before
+    assert rows_per_pass(wide) == max(MIN_ROWS_PER_PASS, CPU_PASS_BYTES // (4 * 3 * 64 * 64))
+    assert rows_per_pass(torch.zeros(3, 784, device="meta")) == ROWS_PER_PASS  # not a CPU: large passes

@@ -93,7 +93,7 @@ def add_parser(commands: Any) -> None:
         default=1000,
         help="samples per vectorized pass (at most: --max-memory may take fewer)",
     )
-    add_max_memory_argument(evaluate, what="--method is, ais and bdmc")
+    add_max_memory_argument(evaluate, what="every --method (the passes of gaps' evaluations too)")
     evaluate.add_argument(
         "--limit", type=positive(int), default=None, help="evaluate the first N data points only"
     )

@@ -23,6 +23,7 @@ from .likelihoods import (
     Likelihood,
     StudentT,
 )
+from .linear import Linear
 from .nets import ACTIVATIONS, MLP, NETWORKS, ConvDecoder, ConvEncoder
 from .priors import (
     PRIORS,
@@ -58,6 +59,7 @@ __all__ = [
     "Laplace",
     "LearnedNormal",
     "Likelihood",
+    "Linear",
     "LowRankNormal",
     "MaskedAutoregressiveFlow",
     "Mixture",

@@ -47,15 +47,22 @@ def compiled_kernels(enabled: bool = True) -> Iterator[None]:
         _state.enabled = previous
 
 
-def fusable(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``fn`` (pure tensor arithmetic), compiled on first use inside :func:`compiled_kernels`."""
+def fusable(
+    fn: Callable[..., torch.Tensor], *, eager: Callable[..., torch.Tensor] | None = None
+) -> Callable[..., torch.Tensor]:
+    """``fn`` (pure tensor arithmetic), compiled on first use inside :func:`compiled_kernels`.
+
+    Outside the block ``eager`` runs (``fn`` itself by default): a form of the same function written for
+    eager PyTorch (in-place steps, a hand-written backward) that the compiler need not see.
+    """
     compiled: list[Callable[..., torch.Tensor]] = []
+    plain = fn if eager is None else eager
 
     @functools.wraps(fn)
     def run(*args: Any) -> torch.Tensor:
         global _failed
         if _failed or not getattr(_state, "enabled", False) or torch.jit.is_tracing():
-            return fn(*args)
+            return plain(*args)
         if not compiled:
             # dynamic: one kernel for every number of rows (minibatches, chunks of samples).
             compiled.append(torch.compile(fn, dynamic=True))
@@ -68,7 +75,7 @@ def fusable(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
                 f"{str(error).splitlines()[0][:200] if str(error) else ''}); using eager PyTorch",
                 stacklevel=2,
             )
-            return fn(*args)
+            return plain(*args)
 
-    run.eager = fn  # type: ignore[attr-defined]
+    run.eager = plain  # type: ignore[attr-defined]
     return run

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import PyroVAEError
 from ..registry import Registry
+from .linear import Linear
 from .softplus import Softplus
 
 __all__ = [
@@ -86,10 +87,10 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = []
         width = in_dim
         for hidden in hidden_dims:
-            layers += [nn.Linear(width, hidden), activation()]
+            layers += [Linear(width, hidden), activation()]
             width = hidden
         if out_dim is not None:
-            layers.append(nn.Linear(width, out_dim))
+            layers.append(Linear(width, out_dim))
         super().__init__(*layers)
         self.in_dim = in_dim
         self.out_dim = out_dim if out_dim is not None else width

@@ -13,7 +13,7 @@ from .bounds import Bounds, default_iwae_ks
 from .conditioning import PerDatumPair, per_datum_pair, plug_in_value
 from .evaluators import EVALUATORS, Evaluation, EvaluationOptions, run_evaluator
 from .gaps import GapSettings, GapsResult, gaps
-from .importance import check_sampling_args, evaluate_bounds, log_marginal
+from .importance import check_sampling_args, evaluate_bounds, log_marginal, plan_importance_passes
 from .layers import latent_layers
 from .psis import psis_khat
 from .traces import log_weights, traced_log_weights
@@ -42,6 +42,7 @@ __all__ = [
     "log_marginal",
     "log_weights",
     "per_datum_pair",
+    "plan_importance_passes",
     "plug_in_value",
     "psis_khat",
     "run_evaluator",

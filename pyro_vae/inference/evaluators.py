@@ -48,7 +48,7 @@ class EvaluationOptions:
     seed: int = 0
     num_samples: int = 1000  # is: K importance samples per datum
     chunk_size: int = 1000  # is: samples per vectorized pass (at most)
-    max_memory: int | None = MAX_MEMORY  # is, ais, bdmc: bytes a pass may add (plan_passes); None: none
+    max_memory: int | None = MAX_MEMORY  # bytes an evaluation pass may add (plan_passes); None: none
     annealing: AnnealingSettings = field(default_factory=AnnealingSettings)  # ais, bdmc, gaps (log p̂(x))
     gaps: GapSettings = field(default_factory=GapSettings)
     num_simulated: int | None = None  # bdmc: data points simulated from the model (default: as many as x)
@@ -197,6 +197,7 @@ def inference_gaps(vae: VAEModel, x: torch.Tensor, *, options: EvaluationOptions
         annealing=options.annealing,
         data_chunk_size=options.data_chunk_size,
         progress=options.progress,
+        max_memory=options.max_memory,
     )
     summary = {"method": "gaps", **result.summary()}
     report = [

@@ -51,9 +51,13 @@ from .ais import AnnealingSettings, ais, check_continuous
 from .conditioning import PerDatumPair, per_datum_pair
 from .importance import log_marginal
 from .progress import ChunkProgress
-from .traces import PARTICLE_PLATE, ROWS_PER_PASS, chunked_passes, traced_log_weights
+from .traces import MAX_MEMORY, PARTICLE_PLATE, chunked_passes, rows_per_pass, traced_log_weights
 
 __all__ = ["GapSettings", "GapsResult", "gaps"]
+
+# (datum, particle) rows of one data chunk whose guide parameters are optimized together (a training batch,
+# not an evaluation pass: its size sets how many optimizations run, so it stays what it was measured at).
+OPTIMIZED_ROWS = 1 << 16
 
 LOG_PX_METHODS = ("ais", "is")
 
@@ -188,7 +192,9 @@ def _initial_parameters(
     return parameters
 
 
-def _elbo(pair: PerDatumPair, guide: Any, xs: torch.Tensor, *, num_samples: int) -> torch.Tensor:
+def _elbo(
+    pair: PerDatumPair, guide: Any, xs: torch.Tensor, *, num_samples: int, max_memory: int | None = MAX_MEMORY
+) -> torch.Tensor:
     """(1/K) sum_k [log p(x_i, z_k) - log q(z_k | x_i)] over ``num_samples`` draws, in particle chunks: [n]."""
 
     def one_pass(chunk: torch.Tensor, k: int) -> torch.Tensor:
@@ -199,15 +205,16 @@ def _elbo(pair: PerDatumPair, guide: Any, xs: torch.Tensor, *, num_samples: int)
 
     from ..resources import plan_passes  # resources imports inference: imported when first used
 
-    # Passes of at most ROWS_PER_PASS rows over all of xs, fewer particles where the default budget says so.
+    # Passes of at most rows_per_pass rows over all of xs, fewer particles where the default budget says so.
     sizes = plan_passes(
         one_pass,
         xs,
         num_samples=num_samples,
-        chunk_size=max(1, ROWS_PER_PASS // xs.shape[0]),
+        chunk_size=max(1, rows_per_pass(xs) // xs.shape[0]),
         data_chunk_size=xs.shape[0],
         held_bytes_per_sample=0,
         split_data=False,  # the optimized guide's parameters are those of all of xs
+        max_memory=max_memory,
         what=f"the ELBO with {num_samples} draws",
     )
     with torch.no_grad():
@@ -218,7 +225,12 @@ def _elbo(pair: PerDatumPair, guide: Any, xs: torch.Tensor, *, num_samples: int)
 
 
 def optimized_elbo(
-    pair: PerDatumPair, xs: torch.Tensor, *, settings: GapSettings, progress: ChunkProgress | None = None
+    pair: PerDatumPair,
+    xs: torch.Tensor,
+    *,
+    settings: GapSettings,
+    progress: ChunkProgress | None = None,
+    max_memory: int | None = MAX_MEMORY,
 ) -> torch.Tensor:
     """ELBO(q*_i) [n] float64 of the per-datum optimized guide, started at the encoder's output."""
     parameters = _initial_parameters(pair, xs)
@@ -248,7 +260,7 @@ def optimized_elbo(
             progress.step()
     for leaf in leaves:
         leaf.requires_grad_(False)
-    return _elbo(pair, guide, xs, num_samples=settings.elbo_samples)
+    return _elbo(pair, guide, xs, num_samples=settings.elbo_samples, max_memory=max_memory)
 
 
 def gaps(
@@ -261,6 +273,7 @@ def gaps(
     data_chunk_size: int | None = None,
     progress: bool | None = None,
     log_px: torch.Tensor | None = None,
+    max_memory: int | None = MAX_MEMORY,
 ) -> GapsResult:
     """log p̂(x), the encoder's ELBO and the optimized guide's ELBO for every point of ``x`` [N, ...].
 
@@ -268,7 +281,10 @@ def gaps(
     configures log p̂(x) when ``settings.log_px_method == "ais"``. ``log_px`` [N] passes an
     estimate made already for these same data (say the ``log_px`` of an :func:`ais` run on
     ``x``), which is then used instead of a new one (``log_px_method`` "given"). Draws from
-    torch's global generator.
+    torch's global generator. ``max_memory`` (bytes; None: none) bounds the passes of the evaluations
+    (log p̂(x) by IS or AIS, both ELBOs) as :func:`~pyro_vae.inference.evaluate_bounds` bounds its own;
+    the optimization's steps (``optimize_samples`` draws over a chunk of ``data_chunk_size`` points, with
+    gradients) are sized by ``data_chunk_size`` alone.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise PyroVAEError("x must be a non-empty tensor whose first dimension indexes data points")
@@ -291,10 +307,10 @@ def gaps(
     if log_px is not None:
         log_px, method = log_px.detach().double().cpu(), "given"
     elif settings.log_px_method == "ais":
-        log_px = ais(model, guide, x, settings=annealing, progress=progress).log_px
+        log_px = ais(model, guide, x, settings=annealing, progress=progress, max_memory=max_memory).log_px
     else:
-        log_px = log_marginal(model, guide, x, num_samples=settings.is_samples)
-    size = data_chunk_size or max(1, ROWS_PER_PASS // (16 * settings.optimize_samples))
+        log_px = log_marginal(model, guide, x, num_samples=settings.is_samples, max_memory=max_memory)
+    size = data_chunk_size or max(1, OPTIMIZED_ROWS // (16 * settings.optimize_samples))
     chunks = x.split(size)
     elbo, elbo_optimized = [], []
     with (
@@ -308,8 +324,12 @@ def gaps(
         ) as bar,
     ):
         for xs in chunks:
-            elbo.append(_elbo(pair, pair.guide, xs, num_samples=settings.elbo_samples).cpu())
-            elbo_optimized.append(optimized_elbo(pair, xs, settings=settings, progress=bar).cpu())
+            elbo.append(
+                _elbo(pair, pair.guide, xs, num_samples=settings.elbo_samples, max_memory=max_memory).cpu()
+            )
+            elbo_optimized.append(
+                optimized_elbo(pair, xs, settings=settings, progress=bar, max_memory=max_memory).cpu()
+            )
             bar.chunk_done(
                 xs.shape[0], f"mean amortization gap {float((elbo_optimized[-1] - elbo[-1]).mean()):.3f}"
             )

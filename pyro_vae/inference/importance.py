@@ -45,13 +45,19 @@ from .._typing import ModelFn
 from ..components.kernels import AUTO_ROWS, compiled_kernels
 from ..errors import PyroVAEError, PyroVAETypeError
 from .bounds import Bounds, default_iwae_ks
-from .conditioning import per_datum_pair
+from .conditioning import PerDatumPair, per_datum_pair
 from .layers import latent_layers
 from .progress import log_chunk
 from .psis import MIN_SAMPLES_FOR_KHAT, psis_khat
 from .traces import MAX_MEMORY, LogWeights, chunked_passes, traced_weights
 
-__all__ = ["check_sampling_args", "evaluate_bounds", "latent_layers_within", "log_marginal"]
+__all__ = [
+    "check_sampling_args",
+    "evaluate_bounds",
+    "latent_layers_within",
+    "log_marginal",
+    "plan_importance_passes",
+]
 
 LOGGER = logging.getLogger("pyro_vae.inference")
 
@@ -172,8 +178,6 @@ def evaluate_bounds(
     log q(z | x, c) - log q(c | x)]. A model whose only latent is enumerated is
     scored exactly, every particle alike.
     """
-    from ..resources import plan_passes  # resources imports inference: imported when first used
-
     check_sampling_args(
         x,
         num_samples=num_samples,
@@ -190,22 +194,20 @@ def evaluate_bounds(
     show = sys.stderr.isatty() if progress is None else progress  # the bar draws on stderr
     fuse = x.shape[0] * num_samples >= AUTO_ROWS if compile is None else compile
 
-    def one_pass(xs: torch.Tensor, k: int) -> LogWeights:
-        return traced_weights(
-            pair.model, pair.guide, xs, num_samples=k, max_plate_nesting=pair.max_plate_nesting
-        )
+    one_pass = _weights_pass(pair)
 
     def bar(data_chunks: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
         return tqdm(data_chunks, disable=not show, desc="log p(x)", unit="chunk", file=sys.stderr)
 
-    sizes = plan_passes(
-        one_pass,
+    sizes = plan_importance_passes(
+        model,
+        guide,
         x,
         num_samples=num_samples,
         chunk_size=chunk_size,
         data_chunk_size=data_chunk_size,
         max_memory=max_memory,
-        what=f"importance sampling with K={num_samples}",
+        pair=pair,
     )
     LOGGER.debug(
         "log p(x) passes: %d particles x %d data points, %.0f bytes a row measured, budget %s bytes",
@@ -233,6 +235,51 @@ def evaluate_bounds(
             # A line per chunk on the package's logger (the command line shows it when piped).
             log_chunk(f"log p(x), K = {num_samples}", done=done, total=x.shape[0], start=start)
     return Bounds.concatenate(chunks)
+
+
+def _weights_pass(pair: PerDatumPair) -> Any:
+    """One vectorized pass of the evaluator: the log-weights of ``k`` particles for each datum of ``xs``."""
+
+    def one_pass(xs: torch.Tensor, k: int) -> LogWeights:
+        return traced_weights(
+            pair.model, pair.guide, xs, num_samples=k, max_plate_nesting=pair.max_plate_nesting
+        )
+
+    return one_pass
+
+
+def plan_importance_passes(
+    model: ModelFn,
+    guide: ModelFn,
+    x: torch.Tensor,
+    *,
+    num_samples: int,
+    chunk_size: int = 1000,
+    data_chunk_size: int | None = None,
+    max_memory: int | None = MAX_MEMORY,
+    pair: PerDatumPair | None = None,
+) -> Any:
+    """The passes :func:`evaluate_bounds` makes over ``x`` with these arguments (a ``PassSizes``).
+
+    Whoever draws the evaluator's samples again (:func:`~pyro_vae.io.export.to_inference_data`) takes
+    these sizes, so that the same seed gives the same draws, and the same memory budget bounds them.
+    ``pair`` is ``per_datum_pair(model, guide, x)`` when the caller has it already.
+    """
+    from ..resources import (
+        plan_passes,
+        structure_key,
+    )  # resources imports inference: imported when first used
+
+    return plan_passes(
+        _weights_pass(per_datum_pair(model, guide, x) if pair is None else pair),
+        x,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        data_chunk_size=data_chunk_size,
+        max_memory=max_memory,
+        what=f"importance sampling with K={num_samples}",
+        cache_key=structure_key(model, guide),
+    )
 
 
 def _reduce(
@@ -320,7 +367,7 @@ def latent_layers_within(
     """:func:`~pyro_vae.inference.latent_layers` with its data chunks sized to the budget ``max_memory``.
 
     Its pass over a chunk draws all K = ``num_samples`` samples of each datum at once; the chunk is as
-    many data points as the passes of :func:`evaluate_bounds` would take (at most ``ROWS_PER_PASS / K``)
+    many data points as the passes of :func:`evaluate_bounds` would take (at most :func:`rows_per_pass` / K)
     that keep the pass under the budget, measured the same way (:func:`~pyro_vae.resources.plan_passes`).
     """
     from ..resources import plan_passes  # resources imports inference: imported when first used

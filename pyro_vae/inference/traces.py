@@ -41,7 +41,9 @@ from .._typing import ModelFn
 from ..errors import PyroVAEError
 
 __all__ = [
+    "CPU_PASS_BYTES",
     "MAX_MEMORY",
+    "MIN_ROWS_PER_PASS",
     "PARTICLE_PLATE",
     "ROWS_PER_PASS",
     "LogWeights",
@@ -51,14 +53,22 @@ __all__ = [
     "log_weights",
     "paired_traces",
     "plate_nesting",
+    "rows_per_pass",
     "site_log_density",
     "traced_log_weights",
     "traced_weights",
 ]
 
-# Particle x datum rows per vectorized pass when data_chunk_size is not given:
-# bounds memory to about rows x (decoder width) floats.
+# Particle x datum rows per vectorized pass when data_chunk_size is not given (rows_per_pass): as many as
+# keep the per-datum tensors of a pass few enough for the machine. On a CPU that is CPU_PASS_BYTES for a
+# [rows, D] float32 tensor of data width D (the decoder's output): glibc's malloc serves freed blocks up to
+# 32 MiB again, but maps a larger one fresh for every pass, a page fault per 4 KiB. Measured on MNIST
+# (benchmarks/README.md): K=5000 over 100 images takes 1.27 s in passes of 8000 rows, 2.13 s in passes of
+# 16,000 and 1.41 s in passes of 4000 (more passes, the same arithmetic). Narrow data (the 64-pixel digits)
+# keep ROWS_PER_PASS rows, where the passes' Python work would otherwise dominate.
 ROWS_PER_PASS = 1 << 16
+CPU_PASS_BYTES = 24 * 1024**2
+MIN_ROWS_PER_PASS = 1 << 10
 # The memory an importance-sampling pass may add (``max_memory``, ``--max-memory``), by default: 2 GiB. The
 # passes are sized to it from the model's measured bytes per row (pyro_vae.resources.plan_passes), so a model
 # whose rows are dear (a 500-component mixture or VampPrior: [rows, 500, latent] in log p(z)) gets fewer of
@@ -67,6 +77,19 @@ MAX_MEMORY = 2 * 1024**3
 PARTICLE_PLATE = "_eval_particles"
 
 T = TypeVar("T")
+
+
+def rows_per_pass(x: torch.Tensor) -> int:
+    """(datum, particle) rows of a vectorized pass over data ``x`` [N, D] when neither caller nor budget says.
+
+    ``ROWS_PER_PASS`` on a GPU (whose caching allocator keeps its blocks, and which a pass must fill); on a
+    CPU, fewer where a [rows, D] float32 tensor would pass ``CPU_PASS_BYTES``, and at least
+    ``MIN_ROWS_PER_PASS``.
+    """
+    if x.device.type != "cpu":
+        return ROWS_PER_PASS
+    width = max(1, x[0].numel() if x.dim() > 0 and x.shape[0] else 1)
+    return max(MIN_ROWS_PER_PASS, min(ROWS_PER_PASS, CPU_PASS_BYTES // (4 * width)))
 
 
 def chunked_passes(
@@ -83,11 +106,11 @@ def chunked_passes(
     The one loop order of every sampling evaluator (data chunks outside, particle chunks of at most
     ``chunk_size`` inside), so that the same seed and chunk sizes consume the random stream identically:
     the export's draws are the evaluator's samples. ``data_chunk_size`` defaults to as many data points as
-    keep a pass near ``ROWS_PER_PASS`` particle-datum rows; ``wrap`` wraps the data chunks (a progress bar).
+    keep a pass near :func:`rows_per_pass` particle-datum rows; ``wrap`` wraps the data chunks (a progress bar).
     """
     chunk_size = min(chunk_size, num_samples)
     if data_chunk_size is None:
-        data_chunk_size = max(1, ROWS_PER_PASS // chunk_size)
+        data_chunk_size = max(1, rows_per_pass(x) // chunk_size)
     for xs in wrap(x.split(data_chunk_size)):
         yield [
             one_pass(xs, min(chunk_size, num_samples - start)) for start in range(0, num_samples, chunk_size)

@@ -63,9 +63,15 @@ from .._typing import DeviceLike, ModelFn
 from ..errors import PyroVAEError
 from ..files import replace_atomic
 from ..inference.conditioning import per_datum_pair
-from ..inference.importance import check_sampling_args
+from ..inference.importance import check_sampling_args, plan_importance_passes
 from ..inference.psis import MIN_SAMPLES_FOR_KHAT, psis_khat
-from ..inference.traces import chunked_passes, enumerated_dim, site_log_density, traced_log_weights
+from ..inference.traces import (
+    MAX_MEMORY,
+    chunked_passes,
+    enumerated_dim,
+    site_log_density,
+    traced_log_weights,
+)
 from .arviz_compat import InferenceDataLike, group_names, make_inference_data, write_netcdf
 
 __all__ = ["export_run", "to_inference_data"]
@@ -288,6 +294,7 @@ def to_inference_data(
     seed: int | None = None,
     chunk_size: int = 1000,
     data_chunk_size: int | None = None,
+    max_memory: int | None = MAX_MEMORY,
 ) -> InferenceDataLike:
     r"""K importance samples z_k ~ q(z | x_i) per data point, with their log-densities, for ArviZ.
 
@@ -313,13 +320,20 @@ def to_inference_data(
     - ``observed_data``: each observed site's data, dims (datum, <site>_dim).
 
     Sampling runs in vectorized passes of ``chunk_size`` particles over
-    ``data_chunk_size`` data points, exactly as in
-    :func:`~pyro_vae.evaluation.evaluate_bounds`: with torch seeded to the same
+    ``data_chunk_size`` data points, fewer where the memory budget ``max_memory`` (bytes; None: none)
+    asks, planned exactly as :func:`~pyro_vae.evaluation.evaluate_bounds` plans them
+    (:func:`~pyro_vae.inference.plan_importance_passes`): with torch seeded to the same
     value, ``log_px`` is :func:`~pyro_vae.evaluation.log_marginal` of the same
     ``x`` up to float64 round-off. ``seed`` seeds torch for this call only (the
     global stream is restored afterwards); ``None`` draws from the global stream.
     """
-    check_sampling_args(x, num_samples=num_samples, chunk_size=chunk_size, data_chunk_size=data_chunk_size)
+    check_sampling_args(
+        x,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        data_chunk_size=data_chunk_size,
+        max_memory=max_memory,
+    )
     indices = np.arange(x.shape[0]) if data_indices is None else np.asarray(data_indices)
     if indices.shape != (x.shape[0],) or indices.dtype.kind not in "iu":
         raise PyroVAEError(
@@ -331,6 +345,16 @@ def to_inference_data(
         )
     # Validated, and global latents fixed at the guide's plug-in value, exactly as evaluate_bounds does.
     pair = per_datum_pair(model, guide, x)
+    sizes = plan_importance_passes(
+        model,
+        guide,
+        x,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        data_chunk_size=data_chunk_size,
+        max_memory=max_memory,
+        pair=pair,
+    )
 
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):
@@ -341,8 +365,8 @@ def to_inference_data(
             pair.guide,
             x,
             num_samples=num_samples,
-            chunk_size=chunk_size,
-            data_chunk_size=data_chunk_size,
+            chunk_size=sizes.particles,
+            data_chunk_size=sizes.data,
             nesting=pair.max_plate_nesting,
             # Draws the enumerated sites' c_k, apart from the stream the evaluator's samples come from.
             generator=torch.Generator(device=x.device).manual_seed(0 if seed is None else seed),
