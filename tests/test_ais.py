@@ -456,3 +456,22 @@ def test_bdmc_sandwiches_the_truth_with_a_mixture_prior():
     assert float(result.lower.mean()) <= float(truth.mean()) + 0.02
     assert float(result.upper.mean()) >= float(truth.mean()) - 0.02
     assert float(result.gap.mean()) < 0.3
+
+
+def test_the_chains_leave_the_models_parameters_as_they_were_and_without_gradients():
+    import warnings
+
+    from pyro_vae import ModelConfig, build_vae
+    from pyro_vae.inference.ais import parameters_frozen
+
+    vae = build_vae(ModelConfig(data_dim=20, latent_dims=(2,), hidden_dims=(8,)))
+    x = torch.bernoulli(torch.full((4, 20), 0.3))
+    params = list(vae.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning from pyro.module about the frozen parameters
+        ais(vae.model, vae.guide, x, settings=AnnealingSettings(num_chains=2, num_steps=3, pilot_chains=0))
+    assert all(p.requires_grad and p.grad is None for p in params)
+    with pytest.raises(RuntimeError, match="inside"), parameters_frozen(vae.model):
+        assert not any(p.requires_grad for p in params)
+        raise RuntimeError("inside")
+    assert all(p.requires_grad for p in params)  # restored after an error too

@@ -55,8 +55,10 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,6 +85,7 @@ __all__ = [
     "ais",
     "annealing_schedule",
     "check_continuous",
+    "parameters_frozen",
 ]
 
 # (datum, chain) rows per vectorized pass: each leapfrog step keeps one autograd graph of the model
@@ -645,6 +648,36 @@ def fuse_kernels(settings: AnnealingSettings, x: torch.Tensor, num_data: int, *,
     return x.device.type == "cpu" and rows >= AUTO_ROWS
 
 
+@contextlib.contextmanager
+def parameters_frozen(*fns: Any) -> Iterator[None]:
+    """The model's parameters without ``requires_grad`` inside the block, as they were after it.
+
+    The chains move the latents, never the model: HMC wants the gradient of the energy in u alone.
+    Autograd skips what no output needs, but a layer with a hand-written backward
+    (:class:`~pyro_vae.components.Linear`) is told only which inputs require a gradient, and would
+    otherwise form dL/dW at every leapfrog step. The parameters are those of Pyro's param store and
+    of the modules whose methods ``fns`` are.
+    """
+    tensors = {id(t): t for _, t in pyro.get_param_store().named_parameters()}
+    for fn in fns:
+        owner = getattr(fn, "__self__", None)
+        if isinstance(owner, torch.nn.Module):
+            tensors.update((id(t), t) for t in owner.parameters())
+    frozen = [t for t in tensors.values() if t.requires_grad and t.is_leaf]
+    for tensor in frozen:
+        tensor.requires_grad_(False)
+    try:
+        with warnings.catch_warnings():
+            # pyro.module skips (and warns about) a parameter without requires_grad; the store has it already.
+            warnings.filterwarnings(
+                "ignore", message=".*not registered in the param store because requires_grad"
+            )
+            yield
+    finally:
+        for tensor in frozen:
+            tensor.requires_grad_(True)
+
+
 def ais(
     model: Any,
     guide: Any,
@@ -684,6 +717,7 @@ def ais(
         pyro.validation_enabled(False),
         poutine.block(),
         compiled_kernels(fuse),
+        parameters_frozen(model, guide),
         ChunkProgress(
             desc="AIS",
             num_data=x.shape[0],

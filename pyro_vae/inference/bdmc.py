@@ -48,6 +48,7 @@ from .ais import (
     budgeted_chunk_rows,
     check_continuous,
     fuse_kernels,
+    parameters_frozen,
     pilot_step_sizes,
 )
 from .conditioning import PerDatumPair, per_datum_pair
@@ -156,6 +157,7 @@ def bdmc(
         pyro.validation_enabled(False),
         poutine.block(),
         compiled_kernels(fuse),
+        parameters_frozen(model, guide),
         ChunkProgress(
             desc="BDMC",
             num_data=num,

@@ -47,7 +47,7 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 
 from ..errors import PyroVAEError
-from .ais import AnnealingSettings, ais, check_continuous
+from .ais import AnnealingSettings, ais, check_continuous, parameters_frozen
 from .conditioning import PerDatumPair, per_datum_pair
 from .importance import log_marginal
 from .progress import ChunkProgress
@@ -316,6 +316,7 @@ def gaps(
     with (
         pyro.validation_enabled(False),
         poutine.block(),
+        parameters_frozen(model, guide),  # the steps move the per-datum guide, never the model
         ChunkProgress(
             desc="optimized guide",
             num_data=x.shape[0],
