@@ -119,3 +119,17 @@ def test_a_frozen_weight_still_passes_the_bias_its_gradient():
     layer(torch.randn(4, 400)).sum().backward()
     torch.testing.assert_close(layer.bias.grad, torch.full((784,), 4.0))
     assert layer.weight.grad is None
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no checked oneDNN linear")
+def test_a_trace_records_the_product_as_one_operator_with_its_gradients():
+    layer = _layer()
+    x = torch.randn(5, 400, requires_grad=True)
+    traced = torch.jit.trace(lambda x, w, b: layer(x).sum(), (x, layer.weight, layer.bias), check_trace=False)
+    assert "pyro_vae::linear" in str(traced.graph)
+    traced(x, layer.weight, layer.bias).backward()
+    grads = x.grad.clone(), layer.weight.grad.clone()
+    x.grad = layer.weight.grad = layer.bias.grad = None
+    F.linear(x, layer.weight, layer.bias).sum().backward()
+    torch.testing.assert_close(grads[0], x.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grads[1], layer.weight.grad, rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from ..errors import PyroVAEError
 from ..registry import Registry
+from .linear import Linear
 
 __all__ = [
     "GUIDES",
@@ -56,8 +57,8 @@ class DiagonalNormal(GuideHead):
 
     def __init__(self, *, feature_dim: int, latent_dim: int) -> None:
         super().__init__(feature_dim=feature_dim, latent_dim=latent_dim)
-        self.loc = nn.Linear(feature_dim, latent_dim)
-        self.raw_scale = nn.Linear(feature_dim, latent_dim)
+        self.loc = Linear(feature_dim, latent_dim)
+        self.raw_scale = Linear(feature_dim, latent_dim)
 
     def forward(self, features: torch.Tensor) -> dist.Distribution:
         loc = self.loc(features)  # [..., d]
@@ -91,9 +92,9 @@ class LowRankNormal(GuideHead):
                 "a rank above latent_dim adds nothing a full covariance could not express"
             )
         self.rank = rank
-        self.loc = nn.Linear(feature_dim, latent_dim)
-        self.cov_factor = nn.Linear(feature_dim, latent_dim * rank)
-        self.raw_cov_diag = nn.Linear(feature_dim, latent_dim)
+        self.loc = Linear(feature_dim, latent_dim)
+        self.cov_factor = Linear(feature_dim, latent_dim * rank)
+        self.raw_cov_diag = Linear(feature_dim, latent_dim)
 
     def forward(self, features: torch.Tensor) -> dist.Distribution:
         loc = self.loc(features)  # [..., d]

@@ -13,18 +13,19 @@ near the machine's peak, and the gain is the bias pass alone.
 
 It is the same product to float32 rounding (relative error 5e-5 against a
 float64 product, MKL's 4e-5). The oneDNN path is taken only where it is
-defined and checked: float32 on the CPU, not inside ``torch.compile`` or
-``torch.jit.trace`` (whose tracer cannot record the op), and
+defined and checked: float32 on the CPU, not inside ``torch.compile``, and
 after a first call that agreed with ``F.linear`` on a small product (otherwise
 ``F.linear`` is used from then on, with a warning). With gradients the
 backward pass is written out (:class:`_OneDNNLinear`), in oneDNN's products
 too, or in differentiable torch operations when a second derivative is asked
-for.
+for. Under ``torch.jit.trace`` (``--jit``) the same product runs as the operator
+``torch.ops.pyro_vae.linear``, which the tracer records.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,13 +68,30 @@ def _self_check() -> bool:
     return True
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b with the three products of its forward and backward passes by oneDNN.
+def _backward(
+    x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, needs: tuple[bool, bool, bool], has_bias: bool
+) -> tuple[torch.Tensor | None, ...]:
+    """dL/dx = g W, dL/dW = g^T x and dL/db = sum g (g = dL/dy), as far as ``needs`` asks.
 
-    dL/dx = g W and dL/dW = g^T x (g = dL/dy), flattened to matrices over the leading dimensions;
-    oneDNN takes the transposed views as they are, so no copy is made. With ``create_graph`` (a
-    second derivative) the backward pass is written in differentiable torch operations instead.
+    Flattened to matrices over the leading dimensions; oneDNN takes the transposed views as they are,
+    so no copy is made. With ``create_graph`` (a second derivative) the same products are written in
+    differentiable torch operations instead.
     """
+    g = grad.reshape(-1, grad.shape[-1])  # [rows, out]
+    rows = x.reshape(-1, x.shape[-1])  # [rows, in]
+    if torch.is_grad_enabled():
+        grad_x = (g @ weight).reshape(x.shape) if needs[0] else None
+        grad_weight = g.t() @ rows if needs[1] else None
+    else:
+        op = _onednn_op()
+        grad_x = op(g, weight.t(), None, "none", [], "").reshape(x.shape) if needs[0] else None
+        grad_weight = op(g.t(), rows.t(), None, "none", [], "") if needs[1] else None
+    grad_bias = g.sum(0) if has_bias and needs[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b with the three products of its forward and backward passes by oneDNN."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
@@ -84,19 +102,37 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])  # [rows, out]
-        rows = x.reshape(-1, x.shape[-1])  # [rows, in]
-        if torch.is_grad_enabled():  # create_graph: the same products, differentiable
-            grad_x = (g @ weight).reshape(x.shape) if ctx.needs_input_grad[0] else None
-            grad_weight = g.t() @ rows if ctx.needs_input_grad[1] else None
-        else:
-            op = _onednn_op()
-            grad_x = (
-                op(g, weight.t(), None, "none", [], "").reshape(x.shape) if ctx.needs_input_grad[0] else None
-            )
-            grad_weight = op(g.t(), rows.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None
-        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
+        return _backward(x, weight, grad, tuple(ctx.needs_input_grad), ctx.has_bias)  # type: ignore[arg-type]
+
+
+# The same product as an operator of torch's dispatcher, for torch.jit.trace (Pyro's JitELBO, --jit): the
+# tracer records it as one node, where it cannot record oneDNN's own op (whose arguments include a list of
+# optional scalars) or look inside an autograd Function. Eager calls take the Function, whose Python
+# overhead is smaller.
+@torch.library.custom_op(
+    "pyro_vae::linear", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
+)
+def _traced_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _onednn_op()(x, weight, bias, "none", [], "")
+
+
+@_traced_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _setup_traced(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _traced_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, weight = ctx.saved_tensors
+    return _backward(x, weight, grad, tuple(ctx.needs_input_grad), ctx.has_bias)  # type: ignore[arg-type]
+
+
+_traced_linear.register_autograd(_traced_backward, setup_context=_setup_traced)
 
 
 class Linear(nn.Linear):
@@ -111,11 +147,12 @@ class Linear(nn.Linear):
             and x.device.type == "cpu"
             and self.weight.dtype == torch.float32
             and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()  # the tracer cannot record the op's list of scalars
             and onednn_linear_available()
         ):
             return F.linear(x, self.weight, self.bias)
         x = x.contiguous()
+        if torch.jit.is_tracing():
+            return _traced_linear(x, self.weight, self.bias)
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, self.weight, self.bias)
         ):

@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from ..components.guides import GuideHead
 from ..components.likelihoods import Likelihood
+from ..components.linear import Linear
 from ..components.nets import MLP
 from ..components.priors import Prior
 from ..components.softplus import Softplus
@@ -93,14 +94,14 @@ class GaussianLayer(nn.Module):
         if init not in LAYER_INITS:
             raise PyroVAEError(f"init must be one of {', '.join(LAYER_INITS)}, got {init!r}")
         self.body = MLP(in_dim, hidden_dims, activation=activation)
-        self.loc = nn.Linear(self.body.out_dim, out_dim)
-        self.raw_scale = nn.Linear(self.body.out_dim, out_dim)
+        self.loc = Linear(self.body.out_dim, out_dim)
+        self.raw_scale = Linear(self.body.out_dim, out_dim)
         if init == "glorot":
             glorot_init(self)
         # Created after the other layers so that a plain layer draws the same weights as before it existed.
         self.skip: nn.Linear | None = None
         if residual:
-            self.skip = nn.Linear(in_dim, out_dim, bias=False)
+            self.skip = Linear(in_dim, out_dim, bias=False)
             with torch.no_grad():
                 self.skip.weight.copy_(torch.eye(out_dim, in_dim))
 
@@ -209,7 +210,7 @@ class HierarchicalVAE(nn.Module):
                 MLP(feature_dims[i], widths[i], activation=activation) for i in range(len(dims) - 1)
             )
             self.ladder_heads = nn.ModuleList(
-                nn.Linear(feature_dims[i], 2 * dims[i]) for i in range(len(dims))
+                Linear(feature_dims[i], 2 * dims[i]) for i in range(len(dims))
             )
             if init == "glorot":
                 glorot_init(self.ladder_nets)

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from ..components.guides import GuideHead
 from ..components.likelihoods import Likelihood
+from ..components.linear import Linear
 from ..config import ModelConfig
 from ..errors import PyroVAEError
 from .abilities import MEAN_SAMPLES
@@ -163,7 +164,7 @@ class MixtureVAE(nn.Module):
         self.components = components
         self.likelihood = likelihood
         self.encoder = encoder
-        self.classifier = nn.Linear(guide_head.feature_dim - num, num)
+        self.classifier = Linear(guide_head.feature_dim - num, num)
         self.guide_head = guide_head
         self.decoder = decoder
 

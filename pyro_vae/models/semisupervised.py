@@ -24,6 +24,7 @@ from torch import nn
 
 from ..components.guides import GuideHead
 from ..components.likelihoods import Likelihood
+from ..components.linear import Linear
 from ..errors import PyroVAEError
 from .abilities import AbilityMissing
 from .mixture import mixed_guide_means, with_component
@@ -85,7 +86,7 @@ class SemiSupervisedVAE(nn.Module):
         self.alpha = alpha
         self.likelihood = likelihood
         self.encoder = encoder
-        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.classifier = Linear(feature_dim, num_classes)
         self.guide_head = guide_head
         self.decoder = decoder  # [..., latent_dim + num_classes] -> the likelihood's parameters
 
