@@ -64,13 +64,13 @@ def test_its_gradients_are_those_of_the_product_to_rounding():
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch build has no checked oneDNN linear")
 def test_second_derivatives_go_through_the_differentiable_backward():
-    layer = Linear(3, 2)
-    x = torch.randn(4, 3, requires_grad=True)
+    layer = Linear(300, 200)
+    x = torch.randn(20, 300, requires_grad=True)  # 1.2M multiply-adds: the oneDNN path
     (grad_x,) = torch.autograd.grad((layer(x) ** 2).sum(), x, create_graph=True)
     (second,) = torch.autograd.grad(grad_x.sum(), x)
     # d/dx sum_j (d/dx_j sum_i y_i^2) = 2 1^T W^T W, the same for every row.
     expected = 2 * (layer.weight.t() @ layer.weight).sum(1).detach()
-    torch.testing.assert_close(second, expected.expand(4, 3), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, expected.expand(20, 300), rtol=1e-4, atol=1e-5)
 
 
 def test_in_float64_it_is_exactly_f_linear():
@@ -122,6 +122,7 @@ def test_a_frozen_weight_still_passes_the_bias_its_gradient():
 
 
 @pytest.mark.skipif(not ONEDNN, reason="this torch build has no checked oneDNN linear")
+@pytest.mark.filterwarnings("ignore:.*jit.trace.*:FutureWarning")  # deprecated, and what --jit uses today
 def test_a_trace_records_the_product_as_one_operator_with_its_gradients():
     layer = _layer()
     x = torch.randn(5, 400, requires_grad=True)
@@ -133,3 +134,18 @@ def test_a_trace_records_the_product_as_one_operator_with_its_gradients():
     F.linear(x, layer.weight, layer.bias).sum().backward()
     torch.testing.assert_close(grads[0], x.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(grads[1], layer.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no checked oneDNN linear")
+def test_oneDNN_takes_the_large_products_and_f_linear_the_small_ones(monkeypatch):
+    calls = []
+    op = linear_module._onednn_op()
+    monkeypatch.setattr(linear_module, "_onednn_op", lambda: lambda *a: calls.append(a[0].shape) or op(*a))
+    layer = _layer()  # 400 -> 784
+    small, large = torch.randn(2, 400), torch.randn(4, 400)  # 0.63M and 1.25M multiply-adds
+    assert small.numel() * 784 < linear_module.ONEDNN_MIN_MACS <= large.numel() * 784
+    with torch.no_grad():
+        assert torch.equal(layer(small), F.linear(small, layer.weight, layer.bias))
+        assert not calls
+        layer(large)
+    assert calls == [torch.Size([4, 400])]

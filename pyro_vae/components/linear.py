@@ -13,7 +13,8 @@ near the machine's peak, and the gain is the bias pass alone.
 
 It is the same product to float32 rounding (relative error 5e-5 against a
 float64 product, MKL's 4e-5). The oneDNN path is taken only where it is
-defined and checked: float32 on the CPU, not inside ``torch.compile``, and
+defined, checked and worth it: float32 on the CPU, not inside ``torch.compile``,
+a product of at least ``ONEDNN_MIN_MACS`` multiply-adds, and
 after a first call that agreed with ``F.linear`` on a small product (otherwise
 ``F.linear`` is used from then on, with a warning). With gradients the
 backward pass is written out (:class:`_OneDNNLinear`), in oneDNN's products
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Linear", "onednn_linear_available"]
+__all__ = ["ONEDNN_MIN_MACS", "Linear", "onednn_linear_available"]
 
 _checked: list[bool] = []  # [whether oneDNN's linear agreed with F.linear], once per process
 
@@ -135,6 +136,12 @@ def _traced_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None,
 _traced_linear.register_autograd(_traced_backward, setup_context=_setup_traced)
 
 
+# Products of fewer multiply-adds than this go to F.linear: there the Python of the autograd Function
+# costs more than oneDNN saves (fwd + bwd at [32, 400] -> 50, 0.64M: 86 us by F.linear, 127 by oneDNN;
+# at [128, 400] -> 50, 2.6M: 225 against 178; at [32, 784] -> 400, 10M: 743 against 429; one thread).
+ONEDNN_MIN_MACS = 1 << 20
+
+
 class Linear(nn.Linear):
     """y = x W^T + b, as ``nn.Linear`` (same parameters and state dict), by oneDNN where that is checked.
 
@@ -147,6 +154,7 @@ class Linear(nn.Linear):
             and x.device.type == "cpu"
             and self.weight.dtype == torch.float32
             and not torch.compiler.is_compiling()
+            and x.shape.numel() * self.out_features >= ONEDNN_MIN_MACS  # rows x in x out multiply-adds
             and onednn_linear_available()
         ):
             return F.linear(x, self.weight, self.bias)
