@@ -26,6 +26,7 @@ for. Under ``torch.jit.trace`` (``--jit``) the same product runs as the operator
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,31 +110,38 @@ class _OneDNNLinear(torch.autograd.Function):
 # The same product as an operator of torch's dispatcher, for torch.jit.trace (Pyro's JitELBO, --jit): the
 # tracer records it as one node, where it cannot record oneDNN's own op (whose arguments include a list of
 # optional scalars) or look inside an autograd Function. Eager calls take the Function, whose Python
-# overhead is smaller.
-@torch.library.custom_op(
-    "pyro_vae::linear", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
-)
-def _traced_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _onednn_op()(x, weight, bias, "none", [], "")
+# overhead is smaller. torch.library.custom_op is torch >= 2.4's; before it a trace runs F.linear.
+def _register_traced_linear() -> Callable[..., torch.Tensor] | None:
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:
+        return None
+
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _onednn_op()(x, weight, bias, "none", [], "")
+
+    def fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    def setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        return _backward(x, weight, grad, tuple(ctx.needs_input_grad), ctx.has_bias)  # type: ignore[arg-type]
+
+    op = custom_op(
+        "pyro_vae::linear", mutates_args=(), schema="(Tensor x, Tensor weight, Tensor? bias) -> Tensor"
+    )(linear)
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup)
+    return op
 
 
-@_traced_linear.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def _setup_traced(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, weight, bias = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-
-
-def _traced_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    x, weight = ctx.saved_tensors
-    return _backward(x, weight, grad, tuple(ctx.needs_input_grad), ctx.has_bias)  # type: ignore[arg-type]
-
-
-_traced_linear.register_autograd(_traced_backward, setup_context=_setup_traced)
+_traced_linear = _register_traced_linear()
+# torch.compiler.is_compiling is torch >= 2.3's; before it nothing of this package compiles a Linear.
+_is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 # Products of fewer multiply-adds than this go to F.linear: there the Python of the autograd Function
@@ -153,13 +161,15 @@ class Linear(nn.Linear):
             x.dtype == torch.float32
             and x.device.type == "cpu"
             and self.weight.dtype == torch.float32
-            and not torch.compiler.is_compiling()
+            and not _is_compiling()
             and x.shape.numel() * self.out_features >= ONEDNN_MIN_MACS  # rows x in x out multiply-adds
             and onednn_linear_available()
         ):
             return F.linear(x, self.weight, self.bias)
         x = x.contiguous()
         if torch.jit.is_tracing():
+            if _traced_linear is None:
+                return F.linear(x, self.weight, self.bias)
             return _traced_linear(x, self.weight, self.bias)
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, self.weight, self.bias)
