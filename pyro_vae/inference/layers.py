@@ -84,6 +84,10 @@ def latent_layers(
       active-unit count misleads (a unit can vary with x on a tiny scale and
       carry nothing); the KL per unit is the information it carries.
 
+    The data go in chunks of ``data_chunk_size`` points (default: as many as make
+    :func:`~pyro_vae.inference.traces.rows_per_pass` rows), with no memory budget;
+    :func:`~pyro_vae.inference.importance.latent_layers_within` sizes them to one.
+
     Returns one dict per layer, lowest first:
     ``{"site", "dim", "kl", "active_units", "unit_kl", "units_with_kl"}``.
     The pair is validated first; global latents (sites outside the data plate)

@@ -6,7 +6,7 @@ writes, through :class:`torch.utils.tensorboard.SummaryWriter`, with the epoch a
     elbo/train, elbo/test   the epoch's per-datum ELBO in nats (the rows of metrics.csv, which stays)
     kl/<site>               each latent layer's share of KL(q(z|x) || p(z)) per datum, in nats, on the
                             first ``kl_points`` test points with ``kl_samples`` guide draws each
-                            (:func:`~pyro_vae.inference.layers.latent_layers`); for models with latent sites
+                            (:func:`~pyro_vae.inference.importance.latent_layers_within`); for models with latent sites
     time/epoch_seconds      the epoch's wall time
 
 and, once the last epoch is done, two image grids: ``images/reconstructions`` (test images, each row
@@ -122,12 +122,13 @@ class TensorBoardLog(Hook):
         """{site: KL share per datum in nats} on the first ``kl_points`` test points; {} when it cannot be had."""
         if self.vae is None or self.test is None or self.kl_missing:
             return {}
-        from ..inference.layers import latent_layers  # inference imports training's siblings: at first use
+        # inference imports training's siblings: at first use. Its passes are planned to the default memory budget.
+        from ..inference.importance import latent_layers_within
 
         x = self.test[: self.kl_points].to(device)
         try:
             with _forked(device, self.seed):
-                layers = latent_layers(self.vae.model, self.vae.guide, x, num_samples=self.kl_samples)
+                layers = latent_layers_within(self.vae.model, self.vae.guide, x, num_samples=self.kl_samples)
         except (PyroVAEError, AbilityMissing, NotImplementedError):
             self.kl_missing = True  # e.g. a user's model whose sites cannot be paired: ELBOs only
             return {}
