@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_flatten
 
 from .components.kernels import compiled_kernels
 from .errors import PyroVAEError
-from .inference.traces import MAX_MEMORY, MIN_ROWS_PER_PASS, rows_per_pass
+from .inference.traces import MAX_MEMORY, MIN_ROWS_PER_PASS, data_per_pass
 
 __all__ = [
     "HELD_BYTES_PER_SAMPLE",
@@ -457,7 +457,7 @@ def plan_passes(
     check_memory_budget(max_memory)
     num_data = x.shape[0]
     particles = min(chunk_size, num_samples)
-    data = min(num_data, data_chunk_size or max(1, rows_per_pass(x) // particles))
+    data = min(num_data, data_chunk_size or data_per_pass(x, particles))
     if max_memory is None:
         return PassSizes(particles, data, math.nan, 0, None)
     usable = HEADROOM * max_memory - ALLOCATOR_SLACK

@@ -265,10 +265,8 @@ def plan_importance_passes(
     these sizes, so that the same seed gives the same draws, and the same memory budget bounds them.
     ``pair`` is ``per_datum_pair(model, guide, x)`` when the caller has it already.
     """
-    from ..resources import (
-        plan_passes,
-        structure_key,
-    )  # resources imports inference: imported when first used
+    # resources imports inference: imported when first used
+    from ..resources import plan_passes, structure_key
 
     return plan_passes(
         _weights_pass(per_datum_pair(model, guide, x) if pair is None else pair),

@@ -13,7 +13,7 @@ from pyro import poutine
 from .._typing import ModelFn
 from ..errors import PyroVAEError
 from .conditioning import per_datum_pair
-from .traces import PARTICLE_PLATE, paired_traces, rows_per_pass, site_log_density
+from .traces import PARTICLE_PLATE, data_per_pass, paired_traces, site_log_density
 
 __all__ = ["latent_layers"]
 
@@ -97,7 +97,7 @@ def latent_layers(
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise PyroVAEError(f"num_samples must be a positive integer, got {num_samples!r}")
     pair = per_datum_pair(model, guide, x)
-    data_chunk_size = data_chunk_size or max(1, rows_per_pass(x) // num_samples)
+    data_chunk_size = data_chunk_size or data_per_pass(x, num_samples)
     kl: dict[str, list[torch.Tensor]] = {}
     means: dict[str, list[torch.Tensor]] = {}
     unit_kl: dict[str, list[torch.Tensor] | None] = {}

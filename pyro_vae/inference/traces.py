@@ -48,6 +48,7 @@ __all__ = [
     "ROWS_PER_PASS",
     "LogWeights",
     "chunked_passes",
+    "data_per_pass",
     "dry_traces",
     "enumerated_dim",
     "log_weights",
@@ -88,8 +89,13 @@ def rows_per_pass(x: torch.Tensor) -> int:
     """
     if x.device.type != "cpu":
         return ROWS_PER_PASS
-    width = max(1, x[0].numel() if x.dim() > 0 and x.shape[0] else 1)
+    width = max(1, math.prod(x.shape[1:]))  # floats of one datum
     return max(MIN_ROWS_PER_PASS, min(ROWS_PER_PASS, CPU_PASS_BYTES // (4 * width)))
+
+
+def data_per_pass(x: torch.Tensor, particles: int) -> int:
+    """Data points of ``x`` a pass of ``particles`` particles takes by default: :func:`rows_per_pass` rows."""
+    return max(1, rows_per_pass(x) // particles)
 
 
 def chunked_passes(
@@ -110,7 +116,7 @@ def chunked_passes(
     """
     chunk_size = min(chunk_size, num_samples)
     if data_chunk_size is None:
-        data_chunk_size = max(1, rows_per_pass(x) // chunk_size)
+        data_chunk_size = data_per_pass(x, chunk_size)
     for xs in wrap(x.split(data_chunk_size)):
         yield [
             one_pass(xs, min(chunk_size, num_samples - start)) for start in range(0, num_samples, chunk_size)
